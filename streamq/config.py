@@ -1,0 +1,205 @@
+"""The model's shape, read from a checkpoint's config.json.
+
+Both config styles are accepted: DeepSeek's release (``rope_scaling``, ``rope_theta``) and transformers 5
+(``rope_parameters``, ``rope_interleave``). Nothing here is a default for DeepSeek-V3 itself: every
+checkpoint fact comes from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from streamq.errors import StreamqError
+
+SUPPORTED_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
+SUPPORTED_MODEL_TYPES = ("deepseek_v3",)
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float
+    kind: str = "default"  # "default" or "yarn"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    interleave: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+    first_k_dense_replace: int
+    moe_layer_freq: int
+    num_nextn_predict_layers: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeConfig
+    tie_word_embeddings: bool = False
+    fp8_block: tuple[int, int] | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_layers_with_mtp(self) -> int:
+        """Blocks stored in the checkpoint: the decoder layers plus the multi-token-prediction layers."""
+        return self.num_hidden_layers + self.num_nextn_predict_layers
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return (
+            self.n_routed_experts > 0
+            and layer >= self.first_k_dense_replace
+            and layer % max(self.moe_layer_freq, 1) == 0
+        )
+
+    @property
+    def softmax_scale(self) -> float:
+        scale = self.qk_head_dim**-0.5
+        if self.rope.kind == "yarn" and self.rope.mscale_all_dim:
+            m = yarn_mscale(self.rope.factor, self.rope.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        check_architecture(cfg, source)
+        try:
+            return _parse(cfg)
+        except KeyError as exc:
+            raise StreamqError(
+                f"{source}: required field {exc.args[0]!r} is missing; is this a DeepSeek-V3 config?"
+            )
+        except (TypeError, ValueError) as exc:
+            raise StreamqError(f"{source}: invalid value ({exc}); fix the field or re-download the config")
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> ModelConfig:
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise StreamqError(
+                f"{path}: not found; MODEL must be a Hugging Face checkpoint directory with config.json"
+            )
+        try:
+            cfg = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StreamqError(f"{path}: not valid JSON ({exc}); re-download the file")
+        return cls.from_dict(cfg, str(path))
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def check_architecture(cfg: dict[str, Any], source: str) -> None:
+    archs = cfg.get("architectures") or []
+    model_type = cfg.get("model_type")
+    if any(a in SUPPORTED_ARCHITECTURES for a in archs) or model_type in SUPPORTED_MODEL_TYPES:
+        return
+    found = ", ".join(archs) or model_type or "nothing"
+    raise StreamqError(
+        f"{source}: unsupported architecture {found}; streamq quantizes DeepseekV3ForCausalLM checkpoints "
+        "(DeepSeek-V3, DeepSeek-R1 and their fine-tunes)"
+    )
+
+
+def _parse(cfg: dict[str, Any]) -> ModelConfig:
+    scoring = cfg.get("scoring_func", "sigmoid")
+    topk_method = cfg.get("topk_method", "noaux_tc")
+    if scoring != "sigmoid" or topk_method != "noaux_tc":
+        raise ValueError(
+            f"scoring_func={scoring!r}, topk_method={topk_method!r}; only sigmoid + noaux_tc routing is supported"
+        )
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={cfg['hidden_act']!r}; only silu is supported")
+    n_experts = int(cfg.get("n_routed_experts") or 0)
+    n_group = int(cfg.get("n_group") or 1)
+    if n_experts and n_experts % n_group:
+        raise ValueError(f"n_routed_experts={n_experts} is not divisible by n_group={n_group}")
+    q_lora = cfg.get("q_lora_rank")
+    return ModelConfig(
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=int(cfg["hidden_size"]),
+        intermediate_size=int(cfg["intermediate_size"]),
+        moe_intermediate_size=int(cfg["moe_intermediate_size"]),
+        num_hidden_layers=int(cfg["num_hidden_layers"]),
+        num_attention_heads=int(cfg["num_attention_heads"]),
+        q_lora_rank=int(q_lora) if q_lora else None,
+        kv_lora_rank=int(cfg["kv_lora_rank"]),
+        qk_nope_head_dim=int(cfg["qk_nope_head_dim"]),
+        qk_rope_head_dim=int(cfg["qk_rope_head_dim"]),
+        v_head_dim=int(cfg["v_head_dim"]),
+        n_routed_experts=n_experts,
+        n_shared_experts=int(cfg.get("n_shared_experts") or 0),
+        num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
+        n_group=n_group,
+        topk_group=int(cfg.get("topk_group") or 1),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+        first_k_dense_replace=int(cfg.get("first_k_dense_replace") or 0),
+        moe_layer_freq=int(cfg.get("moe_layer_freq") or 1),
+        num_nextn_predict_layers=int(cfg.get("num_nextn_predict_layers", cfg.get("num_mtp_layers", 0)) or 0),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        rope=_parse_rope(cfg),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        fp8_block=_parse_fp8(cfg.get("quantization_config")),
+        raw=cfg,
+    )
+
+
+def _parse_rope(cfg: dict[str, Any]) -> RopeConfig:
+    # transformers 5 writes rope_parameters (theta inside); the release writes rope_scaling + rope_theta.
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind not in ("default", "yarn"):
+        raise ValueError(f"rope type {kind!r}; only default and yarn RoPE are supported")
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    interleave = bool(cfg.get("rope_interleave", True))
+    if kind == "default":
+        return RopeConfig(theta=theta, interleave=interleave)
+    max_pos = int(cfg.get("max_position_embeddings", 4096))
+    orig = int(params.get("original_max_position_embeddings", max_pos))
+    return RopeConfig(
+        theta=theta,
+        kind="yarn",
+        factor=float(params.get("factor") or max_pos / orig),
+        original_max_position_embeddings=orig,
+        beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1),
+        mscale=float(params.get("mscale") or 0.0),
+        mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
+        interleave=interleave,
+    )
+
+
+def _parse_fp8(qcfg: dict[str, Any] | None) -> tuple[int, int] | None:
+    if not qcfg or qcfg.get("quant_method") != "fp8":
+        return None
+    block = qcfg.get("weight_block_size") or [128, 128]
+    return int(block[0]), int(block[1])
