@@ -94,21 +94,19 @@ class ModelConfig:
         except KeyError as exc:
             raise StreamqError(
                 f"{source}: required field {exc.args[0]!r} is missing; is this a DeepSeek-V3 config?"
-            )
+            ) from None
         except (TypeError, ValueError) as exc:
-            raise StreamqError(f"{source}: invalid value ({exc}); fix the field or re-download the config")
+            raise StreamqError(f"{source}: invalid value ({exc}); fix the field or re-download the config") from None
 
     @classmethod
     def load(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
-            raise StreamqError(
-                f"{path}: not found; MODEL must be a Hugging Face checkpoint directory with config.json"
-            )
+            raise StreamqError(f"{path}: not found; MODEL must be a Hugging Face checkpoint directory with config.json")
         try:
             cfg = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise StreamqError(f"{path}: not valid JSON ({exc}); re-download the file")
+            raise StreamqError(f"{path}: not valid JSON ({exc}); re-download the file") from None
         return cls.from_dict(cfg, str(path))
 
 
