@@ -1,0 +1,303 @@
+"""Read a Hugging Face safetensors checkpoint one tensor at a time, memory-mapped.
+
+Every shard's header is parsed and checked when the checkpoint is opened, so a missing shard, a corrupt or
+truncated header, or an index that names a tensor a shard does not hold is reported before any work starts,
+with the file and the fix. Tensor data is read through a private memory map and the pages are released right
+after the copy (``madvise(MADV_DONTNEED)``): file-backed pages that stay mapped count in the process's RSS, and
+reading a 700 GB checkpoint must not look like using 700 GB of RAM.
+
+Two expert layouts are read under the same names: DeepSeek's release (``mlp.experts.E.gate_proj.weight``) and
+transformers 5's fused one (``mlp.experts.gate_up_proj`` [E, 2I, H], ``mlp.experts.down_proj`` [E, H, I]),
+which is exposed as per-expert virtual tensors, sliced without reading the other experts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from streamq.config import ModelConfig
+from streamq.errors import StreamqError
+from streamq.kernels.fp8_blocks import dequant_fp8_blocks
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+SCALE_SUFFIX = "_scale_inv"
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor's bytes live: absolute byte range [start, end) in ``file``."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    def select(self, index: int) -> TensorInfo:
+        """The sub-tensor ``t[index]``: contiguous, so still one byte range."""
+        stride = self.nbytes // self.shape[0]
+        start = self.start + index * stride
+        return replace(self, shape=self.shape[1:], start=start, end=start + stride)
+
+    def rows(self, first: int, stop: int) -> TensorInfo:
+        """The sub-tensor ``t[first:stop]``."""
+        stride = self.nbytes // self.shape[0]
+        start = self.start + first * stride
+        return replace(self, shape=(stop - first, *self.shape[1:]), start=start, end=self.start + stop * stride)
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate one safetensors file's header without reading its data."""
+
+    def corrupt(why: str) -> StreamqError:
+        return StreamqError(f"{path}: corrupt or truncated safetensors file ({why}); download this shard again")
+
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise corrupt(f"{size} bytes, shorter than the 8-byte header length")
+            header_len = int.from_bytes(prefix, "little")
+            if header_len > min(size - 8, _MAX_HEADER_BYTES):
+                raise corrupt(f"header length {header_len} exceeds the file size {size}")
+            raw = f.read(header_len)
+    except OSError as exc:
+        raise StreamqError(f"{path}: cannot read ({exc.strerror}); check the file and its permissions") from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise corrupt("header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object")
+    data_start = 8 + header_len
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        infos[name] = _tensor_info(name, entry, path, data_start, size, corrupt)
+    return infos
+
+
+def _tensor_info(name: str, entry: object, path: Path, data_start: int, size: int, corrupt) -> TensorInfo:
+    try:
+        dtype = DTYPES[entry["dtype"]]
+        shape = tuple(int(d) for d in entry["shape"])
+        begin, end = (int(o) for o in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise corrupt(f"bad entry for tensor {name!r}") from None
+    expected = math.prod(shape) * dtype.itemsize
+    if end - begin != expected or begin < 0:
+        raise corrupt(f"tensor {name!r} spans {end - begin} bytes, its shape needs {expected}")
+    if data_start + end > size:
+        raise corrupt(f"tensor {name!r} ends at byte {data_start + end}, the file has {size}")
+    return TensorInfo(name, path, dtype, shape, data_start + begin, data_start + end)
+
+
+class _MappedFile:
+    """A private, read-only-in-practice memory map of one shard."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with path.open("rb") as f:
+            # ACCESS_COPY gives a writable buffer (torch.frombuffer warns on read-only ones); nothing writes to it.
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+    def read(self, info: TensorInfo) -> torch.Tensor:
+        """Copy the tensor's bytes out of the map, then drop the pages from this process."""
+        out = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            try:
+                out.copy_(torch.frombuffer(self.map, dtype=torch.uint8, count=info.nbytes, offset=info.start))
+            except (OSError, RuntimeError) as exc:
+                raise StreamqError(
+                    f"{self.path}: read error at bytes {info.start}-{info.end} ({exc}); check the disk and the file"
+                ) from None
+            self._release(info.start, info.end)
+        return out.view(info.dtype).reshape(info.shape)
+
+    def _release(self, start: int, end: int) -> None:
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        first = start - start % mmap.PAGESIZE
+        self.map.madvise(mmap.MADV_DONTNEED, first, end - first)
+
+    def close(self) -> None:
+        self.map.close()
+
+
+class CheckpointReader:
+    """A checkpoint directory (config.json + index + shards, or a single model.safetensors)."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        self.dir = Path(model_dir)
+        if not self.dir.is_dir():
+            raise StreamqError(f"{self.dir}: not a directory; MODEL must be a local checkpoint directory or a repo id")
+        self.config = ModelConfig.load(self.dir)
+        self.infos = _index_tensors(self.dir)
+        self.infos.update(_fused_expert_views(self.infos))
+        self._maps: dict[Path, _MappedFile] = {}
+
+    # -- discovery ---------------------------------------------------------------------------------------------
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    @property
+    def shard_files(self) -> list[Path]:
+        return sorted({info.file for info in self.infos.values()})
+
+    def names(self, prefix: str = "") -> list[str]:
+        return [n for n in self.infos if n.startswith(prefix)]
+
+    def layer_prefix(self, layer: int) -> str:
+        return f"model.layers.{layer}."
+
+    def nbytes(self, names: Iterable[str]) -> int:
+        return sum(self.infos[n].nbytes for n in names)
+
+    # -- reading -----------------------------------------------------------------------------------------------
+    def raw(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The tensor exactly as stored."""
+        info = self._info(name)
+        mapped = self._maps.get(info.file)
+        if mapped is None:
+            mapped = self._maps[info.file] = _MappedFile(info.file)
+        return mapped.read(info).to(device)
+
+    def weight(
+        self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16
+    ) -> torch.Tensor:
+        """The tensor in ``dtype``; FP8 weights are dequantized with their block scales on ``device``."""
+        tensor = self.raw(name, device)
+        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            scale_name = name + SCALE_SUFFIX
+            if scale_name not in self.infos:
+                raise StreamqError(
+                    f"{self.infos[name].file}: FP8 tensor {name} has no {scale_name}; the checkpoint is incomplete"
+                )
+            block = self.config.fp8_block or (128, 128)
+            return dequant_fp8_blocks(tensor, self.raw(scale_name, device), block, dtype)
+        return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+    def load_prefix(
+        self, prefix: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16
+    ) -> dict[str, torch.Tensor]:
+        """All tensors under ``prefix`` (prefix stripped), FP8 weights dequantized and their scales dropped.
+
+        Float32 tensors stay float32 (DeepSeek keeps the router's correction bias in float32)."""
+        out: dict[str, torch.Tensor] = {}
+        for name in self.names(prefix):
+            if _is_fused(name) or (name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) in self.infos):
+                continue
+            stored = self.infos[name].dtype
+            want = torch.float32 if stored in (torch.float32, torch.float64) and dtype != torch.float64 else dtype
+            out[name[len(prefix) :]] = self.weight(name, device, want)
+        return out
+
+    def _info(self, name: str) -> TensorInfo:
+        try:
+            return self.infos[name]
+        except KeyError:
+            raise StreamqError(
+                f"{self.dir}: tensor {name} is not in this checkpoint; is it a DeepSeek-V3 layout checkpoint?"
+            ) from None
+
+    def close(self) -> None:
+        for mapped in self._maps.values():
+            mapped.close()
+        self._maps.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _index_tensors(model_dir: Path) -> dict[str, TensorInfo]:
+    index_path = model_dir / INDEX_NAME
+    if not index_path.is_file():
+        single = model_dir / SINGLE_NAME
+        if single.is_file():
+            return read_header(single)
+        raise StreamqError(f"{model_dir}: no {INDEX_NAME} or {SINGLE_NAME}; is this a safetensors checkpoint?")
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        files = {name: str(file) for name, file in weight_map.items()}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        raise StreamqError(
+            f"{index_path}: not a valid index (needs a 'weight_map' object); download it again"
+        ) from None
+    headers: dict[str, dict[str, TensorInfo]] = {}
+    for file in sorted(set(files.values())):
+        path = model_dir / file
+        if not path.is_file():
+            raise StreamqError(f"{path}: missing shard listed in {INDEX_NAME}; download it again into {model_dir}")
+        headers[file] = read_header(path)
+    infos: dict[str, TensorInfo] = {}
+    for name, file in files.items():
+        info = headers[file].get(name)
+        if info is None:
+            raise StreamqError(
+                f"{model_dir / file}: tensor {name} is listed in {INDEX_NAME} but absent from this shard; "
+                "the shard and the index disagree: download both again"
+            )
+        infos[name] = info
+    return infos
+
+
+_FUSED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def _is_fused(name: str) -> bool:
+    return _FUSED.match(name.removesuffix(SCALE_SUFFIX)) is not None
+
+
+def _fused_expert_views(infos: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """Per-expert names for transformers' fused expert tensors (gate rows first, then up rows)."""
+    views: dict[str, TensorInfo] = {}
+    for name, info in infos.items():
+        match = _FUSED.match(name)
+        if not match:
+            continue
+        prefix, kind = match.groups()
+        for e in range(info.shape[0]):
+            expert = info.select(e)
+            if kind == "down_proj":
+                views[f"{prefix}.{e}.down_proj.weight"] = expert
+            else:
+                half = expert.shape[0] // 2
+                views[f"{prefix}.{e}.gate_proj.weight"] = expert.rows(0, half)
+                views[f"{prefix}.{e}.up_proj.weight"] = expert.rows(half, 2 * half)
+    return views

@@ -1,0 +1,109 @@
+"""Write safetensors files tensor by tensor, atomically.
+
+The header is computed from the tensors' specs up front, so the data can be produced and written in chunks:
+a 2 GB embedding never needs to exist in RAM at once. The file appears under its name only once complete
+(written to a temporary name, fsynced, renamed), so a killed process never leaves a file that looks whole.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from streamq.errors import StreamqError
+from streamq.io.safetensors_stream import DTYPE_NAMES
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def header_bytes(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None) -> bytes:
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": DTYPE_NAMES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keeps every tensor's data 8-byte aligned
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def write_safetensors(
+    path: Path,
+    specs: Sequence[TensorSpec],
+    produce: Callable[[TensorSpec], Iterable[torch.Tensor]],
+    metadata: Mapping[str, str] | None = None,
+) -> int:
+    """Write ``specs`` in order; ``produce(spec)`` yields the tensor's data as one or more row chunks.
+
+    Returns the file size. Raises StreamqError (naming the file) when the disk is full or unwritable."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("wb") as f:
+            f.write(header_bytes(specs, metadata))
+            for spec in specs:
+                _write_tensor(f, spec, produce(spec))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, exc) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> int:
+    """Write in-memory tensors (in the mapping's order) atomically."""
+    specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    return write_safetensors(path, specs, lambda spec: [tensors[spec.name]], metadata)
+
+
+def _write_tensor(f, spec: TensorSpec, chunks: Iterable[torch.Tensor]) -> None:
+    written = 0
+    for chunk in chunks:
+        if chunk.dtype != spec.dtype:
+            raise ValueError(f"{spec.name}: chunk dtype {chunk.dtype} differs from the declared {spec.dtype}")
+        data = chunk.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        f.write(data.numpy().data)
+        written += data.numel()
+    if written != spec.nbytes:
+        raise ValueError(f"{spec.name}: produced {written} bytes, the declared shape {spec.shape} needs {spec.nbytes}")
+
+
+def _write_error(path: Path, exc: OSError) -> StreamqError:
+    if exc.errno == errno.ENOSPC:
+        return StreamqError(f"{path}: disk full while writing; free space on {path.parent} and rerun to resume")
+    return StreamqError(f"{path}: cannot write ({exc.strerror}); check {path.parent} is writable and rerun")
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename durable: the directory entry must reach the disk too."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
