@@ -1,0 +1,281 @@
+"""A minimal DeepSeek-V3 in PyTorch, built one transformer block at a time from a checkpoint.
+
+MLA attention (low-rank q and kv, a shared rotary key, YaRN scaling), sigmoid-scored MoE with group-limited
+top-k routing and shared experts, dense MLPs for the first layers, RMSNorm. Module names mirror the
+checkpoint's tensor names (``self_attn.q_a_proj.weight``, ``mlp.experts.7.down_proj.weight``, …), so a
+block's state dict is exactly its slice of the checkpoint, and calibration can hook any Linear by name.
+
+Routing is the router module's output, ``(weights, indices)``: a forward hook on ``mlp.gate`` sees which
+tokens each expert gets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from streamq.config import ModelConfig, yarn_mscale
+from streamq.errors import StreamqError
+from streamq.io.safetensors_stream import CheckpointReader
+
+# Tensors of a multi-token-prediction layer that are not part of its transformer block.
+MTP_EXTRAS = ("embed_tokens.", "enorm.", "hnorm.", "eh_proj.", "shared_head.")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+# -- rotary embedding ----------------------------------------------------------------------------------------
+
+
+def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies for the rotary dims, and the factor applied to cos/sin (YaRN's attention factor)."""
+    rope, dim = cfg.rope, cfg.qk_rope_head_dim
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if rope.kind != "yarn":
+        return inv_freq, 1.0
+
+    def correction_dim(rotations: float) -> float:
+        return (
+            dim
+            * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi))
+            / (2 * math.log(rope.theta))
+        )
+
+    low = max(math.floor(correction_dim(rope.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    # Low frequencies (long wavelengths) are interpolated by the factor, high ones kept, a ramp between.
+    inv_freq = inv_freq / rope.factor * ramp + inv_freq * (1 - ramp)
+    if rope.mscale and rope.mscale_all_dim:
+        attention_factor = yarn_mscale(rope.factor, rope.mscale) / yarn_mscale(rope.factor, rope.mscale_all_dim)
+    else:
+        attention_factor = yarn_mscale(rope.factor)
+    return inv_freq, attention_factor
+
+
+def rope_cos_sin(cfg: ModelConfig, seq_len: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape [seq_len, rope_dim / 2] in float32, for positions 0..seq_len-1."""
+    inv_freq, factor = rope_frequencies(cfg)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq).to(device)
+    return angles.cos() * factor, angles.sin() * factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate x [B, S, heads, rope_dim]. DeepSeek's weights pair dims (0,1), (2,3), …; the other layout pairs
+    dim i with i + rope_dim/2."""
+    xf = x.float()
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    if interleave:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xf.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+# -- attention -------------------------------------------------------------------------------------------------
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention, in its plain (non-absorbed) form: causal SDPA over full keys and values."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h, heads = cfg.hidden_size, cfg.num_attention_heads
+        if cfg.q_lora_rank:
+            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, heads * cfg.qk_head_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(h, heads * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(heads * cfg.v_head_dim, h, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        b, s, _ = x.shape
+        heads, nope, rope_dim = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if cfg.q_lora_rank else self.q_proj(x)
+        q_nope, q_pe = q.view(b, s, heads, cfg.qk_head_dim).split([nope, rope_dim], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, rope_dim], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(b, s, heads, nope + cfg.v_head_dim)
+        k_nope, v = kv.split([nope, cfg.v_head_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin, cfg.rope.interleave)
+        k_pe = apply_rope(k_pe.view(b, s, 1, rope_dim), cos, sin, cfg.rope.interleave)
+        q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)
+        k = torch.cat((k_nope, k_pe.expand(b, s, heads, rope_dim)), dim=-1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=cfg.softmax_scale)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, heads * cfg.v_head_dim))
+
+
+# -- feed-forward ------------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """The router: sigmoid scores; the correction bias steers which experts are chosen, not their weights."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> (weights [T, k] float32, expert indices [T, k])."""
+        cfg = self.cfg
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = scores + self.e_score_correction_bias.float()
+        if cfg.n_group > 1:
+            grouped = choice.view(x.shape[0], cfg.n_group, -1)
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+            keep = group_scores.topk(cfg.topk_group, dim=-1).indices
+            mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(mask[..., None], float("-inf")).flatten(1)
+        indices = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * cfg.routed_scaling_factor, indices
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Gate(cfg)
+        self.experts = nn.ModuleList(
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts)
+        )
+        inter = cfg.moe_intermediate_size * cfg.n_shared_experts
+        self.shared_experts = MLP(cfg.hidden_size, inter) if cfg.n_shared_experts else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, indices = self.gate(x)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e in torch.bincount(indices.flatten(), minlength=len(self.experts)).nonzero().flatten().tolist():
+            tokens, slot = torch.where(indices == e)
+            out.index_add_(0, tokens, self.experts[e](x[tokens]).float() * weights[tokens, slot, None])
+        if self.shared_experts is not None:
+            out += self.shared_experts(x).float()
+        return out.to(x.dtype).view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp: nn.Module = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(x))
+
+
+# -- building from a checkpoint ----------------------------------------------------------------------------------
+
+
+def build_module(module_fn: Callable[[], nn.Module], tensors: dict[str, torch.Tensor], where: str) -> nn.Module:
+    """Instantiate without allocating (meta device), then adopt the checkpoint's tensors as parameters."""
+    with torch.device("meta"):
+        module = module_fn()
+    expected = set(module.state_dict())
+    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or extra:
+        raise StreamqError(
+            f"{where}: checkpoint tensors do not match a DeepSeek-V3 block (missing: {missing[:3]}, "
+            f"unexpected: {extra[:3]}); check config.json matches the weights"
+        )
+    module.load_state_dict(tensors, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+def block_tensor_names(reader: CheckpointReader, layer: int) -> list[str]:
+    prefix = reader.layer_prefix(layer)
+    return [n for n in reader.names(prefix) if not n[len(prefix) :].startswith(MTP_EXTRAS)]
+
+
+def load_block(
+    reader: CheckpointReader, layer: int, device: torch.device | str, dtype: torch.dtype = torch.bfloat16
+) -> Block:
+    prefix = reader.layer_prefix(layer)
+    tensors = reader.load_prefix(prefix, device, dtype)
+    tensors = {n: t for n, t in tensors.items() if not n.startswith(MTP_EXTRAS)}
+    return build_module(lambda: Block(reader.config, layer), tensors, f"{reader.dir} layer {layer}")
+
+
+def load_embedding(reader: CheckpointReader, device: torch.device | str, dtype: torch.dtype) -> nn.Embedding:
+    weight = reader.weight("model.embed_tokens.weight", device, dtype)
+    return nn.Embedding.from_pretrained(weight, freeze=True)
+
+
+def load_head(reader: CheckpointReader, device: torch.device | str, dtype: torch.dtype) -> Head:
+    name = "model.embed_tokens.weight" if reader.config.tie_word_embeddings else "lm_head.weight"
+    tensors = {
+        "norm.weight": reader.weight("model.norm.weight", device, dtype),
+        "lm_head.weight": reader.weight(name, device, dtype),
+    }
+    return build_module(lambda: Head(reader.config), tensors, f"{reader.dir} final norm/lm_head")
+
+
+@torch.no_grad()
+def forward_blocks(
+    reader: CheckpointReader,
+    input_ids: torch.Tensor,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    on_block: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Logits of the whole model, holding one block at a time. ``on_block(layer, hidden)`` sees each block's
+    output."""
+    cfg = reader.config
+    cos, sin = rope_cos_sin(cfg, input_ids.shape[1], device)
+    hidden = load_embedding(reader, device, dtype)(input_ids.to(device))
+    for layer in range(cfg.num_hidden_layers):
+        hidden = load_block(reader, layer, device, dtype)(hidden, cos, sin)
+        if on_block is not None:
+            on_block(layer, hidden)
+    return load_head(reader, device, dtype)(hidden)

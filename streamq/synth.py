@@ -1,0 +1,337 @@
+"""Synthetic checkpoints in DeepSeek-V3's release layout.
+
+The config uses the release's field names (``rope_scaling`` yarn, ``quantization_config`` fp8 [128, 128], …);
+linear weights are float8 e4m3 with ``weight_scale_inv`` block scales, norms and the router are bf16, the
+router's correction bias float32; the first layers are dense, the rest MoE, and the multi-token-prediction
+layers follow the decoder layers. Tensors are generated and written one row slab at a time, so even the full
+DeepSeek-V3 width never holds more than one slab in RAM. Every tensor's values come from a generator seeded by
+its name, so a checkpoint is reproducible and independent of the shard layout.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from streamq.io.safetensors_stream import INDEX_NAME, SCALE_SUFFIX
+from streamq.io.safetensors_write import TensorSpec, write_safetensors
+from streamq.kernels.fp8_blocks import quantize_fp8_blocks
+
+FP8_BLOCK = (128, 128)
+_SLAB_ROWS = 1024  # a multiple of the FP8 block, small enough that a slab of any DeepSeek tensor is < 60 MB
+
+_COMMON = {
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "max_position_embeddings": 163840,
+    "moe_layer_freq": 1,
+    "norm_topk_prob": True,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000,
+    "rope_scaling": {
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "factor": 40,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096,
+        "type": "yarn",
+    },
+    "scoring_func": "sigmoid",
+    "topk_method": "noaux_tc",
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+}
+
+PRESETS: dict[str, dict[str, object]] = {
+    # Small enough for CPU tests, with dimensions that are and are not multiples of the FP8 block.
+    "tiny": {
+        "vocab_size": 2048,
+        "hidden_size": 256,
+        "intermediate_size": 384,
+        "moe_intermediate_size": 160,
+        "num_hidden_layers": 4,
+        "first_k_dense_replace": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 192,
+        "kv_lora_rank": 128,
+        "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 32,
+        "v_head_dim": 32,
+        "n_routed_experts": 16,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 4,
+        "n_group": 4,
+        "topk_group": 2,
+        "routed_scaling_factor": 2.5,
+        "num_nextn_predict_layers": 1,
+    },
+    # DeepSeek-V3/R1 width; choose the number of layers for a benchmark.
+    "v3": {
+        "vocab_size": 129280,
+        "hidden_size": 7168,
+        "intermediate_size": 18432,
+        "moe_intermediate_size": 2048,
+        "num_hidden_layers": 61,
+        "first_k_dense_replace": 3,
+        "num_attention_heads": 128,
+        "num_key_value_heads": 128,
+        "q_lora_rank": 1536,
+        "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "n_routed_experts": 256,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 8,
+        "n_group": 8,
+        "topk_group": 4,
+        "routed_scaling_factor": 2.5,
+        "num_nextn_predict_layers": 1,
+    },
+}
+
+
+@dataclass(frozen=True)
+class SynthOptions:
+    preset: str = "tiny"
+    num_layers: int | None = None  # decoder layers, default: the preset's
+    dense_layers: int | None = None  # first_k_dense_replace, default: the preset's
+    experts: int | None = None  # n_routed_experts, default: the preset's
+    mtp: bool = True  # write the multi-token-prediction layer(s)
+    shards: int = 4
+    seed: int = 0
+    tokenizer_dir: Path | None = None
+    device: str = "cpu"  # where values are generated; "cuda" is much faster at full width
+    overrides: dict[str, object] = field(default_factory=dict)  # any config.json field, e.g. for tests
+
+
+def synth_config(opts: SynthOptions) -> dict[str, object]:
+    if opts.preset not in PRESETS:
+        raise ValueError(f"unknown preset {opts.preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg: dict[str, object] = {**_COMMON, **PRESETS[opts.preset]}
+    if opts.num_layers is not None:
+        cfg["num_hidden_layers"] = opts.num_layers
+    if opts.dense_layers is not None:
+        cfg["first_k_dense_replace"] = opts.dense_layers
+    if opts.experts is not None:
+        cfg["n_routed_experts"] = opts.experts
+    if not opts.mtp:
+        cfg["num_nextn_predict_layers"] = 0
+    cfg.update(opts.overrides)
+    if opts.tokenizer_dir is not None:
+        cfg["vocab_size"] = max(int(cfg["vocab_size"]), tokenizer_vocab_size(opts.tokenizer_dir))
+    cfg["quantization_config"] = {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": list(FP8_BLOCK),
+    }
+    return cfg
+
+
+def tokenizer_vocab_size(tokenizer_dir: Path) -> int:
+    """Ids used by tokenizer.json (base vocabulary and added tokens), rounded up to a multiple of 128."""
+    tok = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text())
+    ids = list(tok["model"]["vocab"].values()) + [t["id"] for t in tok.get("added_tokens", [])]
+    return -(-(max(ids) + 1) // 128) * 128
+
+
+# -- what the checkpoint holds -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # "linear" (FP8 + scale), "dense" (bf16 weight), "norm", "bias", "embed"
+
+    def specs(self) -> list[TensorSpec]:
+        if self.kind == "linear":
+            rb, cb = (-(-d // b) for d, b in zip(self.shape, FP8_BLOCK, strict=True))
+            return [
+                TensorSpec(self.name, torch.float8_e4m3fn, self.shape),
+                TensorSpec(self.name + SCALE_SUFFIX, torch.float32, (rb, cb)),
+            ]
+        dtype = torch.float32 if self.kind == "bias" else torch.bfloat16
+        return [TensorSpec(self.name, dtype, self.shape)]
+
+
+def checkpoint_tensors(cfg: dict) -> list[_Tensor]:
+    h, v = int(cfg["hidden_size"]), int(cfg["vocab_size"])
+    tensors = [_Tensor("model.embed_tokens.weight", (v, h), "embed")]
+    n_layers = int(cfg["num_hidden_layers"])
+    for layer in range(n_layers + int(cfg["num_nextn_predict_layers"])):
+        p = f"model.layers.{layer}."
+        if layer >= n_layers:
+            tensors += [
+                _Tensor(p + "embed_tokens.weight", (v, h), "embed"),
+                _Tensor(p + "enorm.weight", (h,), "norm"),
+                _Tensor(p + "hnorm.weight", (h,), "norm"),
+                _Tensor(p + "eh_proj.weight", (h, 2 * h), "dense"),
+            ]
+        tensors += _block_tensors(cfg, layer, p)
+        if layer >= n_layers:
+            tensors += [
+                _Tensor(p + "shared_head.norm.weight", (h,), "norm"),
+                _Tensor(p + "shared_head.head.weight", (v, h), "dense"),
+            ]
+    tensors += [_Tensor("model.norm.weight", (h,), "norm"), _Tensor("lm_head.weight", (v, h), "dense")]
+    return tensors
+
+
+def _block_tensors(cfg: dict, layer: int, p: str) -> list[_Tensor]:
+    h, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    qk = int(cfg["qk_nope_head_dim"]) + int(cfg["qk_rope_head_dim"])
+    kv_rank, q_rank = int(cfg["kv_lora_rank"]), cfg.get("q_lora_rank")
+    a = p + "self_attn."
+    out = [_Tensor(p + "input_layernorm.weight", (h,), "norm")]
+    if q_rank:
+        out += [
+            _Tensor(a + "q_a_proj.weight", (int(q_rank), h), "linear"),
+            _Tensor(a + "q_a_layernorm.weight", (int(q_rank),), "norm"),
+            _Tensor(a + "q_b_proj.weight", (heads * qk, int(q_rank)), "linear"),
+        ]
+    else:
+        out.append(_Tensor(a + "q_proj.weight", (heads * qk, h), "linear"))
+    out += [
+        _Tensor(a + "kv_a_proj_with_mqa.weight", (kv_rank + int(cfg["qk_rope_head_dim"]), h), "linear"),
+        _Tensor(a + "kv_a_layernorm.weight", (kv_rank,), "norm"),
+        _Tensor(
+            a + "kv_b_proj.weight", (heads * (int(cfg["qk_nope_head_dim"]) + int(cfg["v_head_dim"])), kv_rank), "linear"
+        ),
+        _Tensor(a + "o_proj.weight", (h, heads * int(cfg["v_head_dim"])), "linear"),
+        _Tensor(p + "post_attention_layernorm.weight", (h,), "norm"),
+    ]
+    if layer < int(cfg["first_k_dense_replace"]) or int(cfg["n_routed_experts"]) == 0:
+        return out + _mlp_tensors(p + "mlp.", h, int(cfg["intermediate_size"]))
+    n_exp, inter = int(cfg["n_routed_experts"]), int(cfg["moe_intermediate_size"])
+    out += [
+        _Tensor(p + "mlp.gate.weight", (n_exp, h), "dense"),
+        _Tensor(p + "mlp.gate.e_score_correction_bias", (n_exp,), "bias"),
+    ]
+    for e in range(n_exp):
+        out += _mlp_tensors(f"{p}mlp.experts.{e}.", h, inter)
+    if int(cfg["n_shared_experts"]):
+        out += _mlp_tensors(p + "mlp.shared_experts.", h, inter * int(cfg["n_shared_experts"]))
+    return out
+
+
+def _mlp_tensors(p: str, hidden: int, inter: int) -> list[_Tensor]:
+    return [
+        _Tensor(p + "gate_proj.weight", (inter, hidden), "linear"),
+        _Tensor(p + "up_proj.weight", (inter, hidden), "linear"),
+        _Tensor(p + "down_proj.weight", (hidden, inter), "linear"),
+    ]
+
+
+# -- values ----------------------------------------------------------------------------------------------------
+
+
+class _Values:
+    """Produces each tensor's data in row slabs, from a generator seeded by the tensor's name."""
+
+    def __init__(self, seed: int, device: str) -> None:
+        self.seed, self.device = seed, torch.device(device)
+        self._pending_scales: dict[str, list[torch.Tensor]] = {}
+
+    def _gen(self, name: str) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(zlib.crc32(name.encode()) ^ (self.seed * 0x9E3779B1 % 2**31))
+
+    def produce(self, tensor: _Tensor, spec: TensorSpec) -> Iterator[torch.Tensor]:
+        if spec.name.endswith(SCALE_SUFFIX) and tensor.kind == "linear":
+            yield torch.cat(self._pending_scales.pop(tensor.name))
+            return
+        gen = self._gen(tensor.name)
+        if len(tensor.shape) == 1:
+            yield self._vector(tensor, gen)
+            return
+        rows, cols = tensor.shape
+        # Scaled so that activations stay O(1) through a block, as in a trained model.
+        std = 1.0 if tensor.kind == "embed" else cols**-0.5
+        scales: list[torch.Tensor] = []
+        for start in range(0, rows, _SLAB_ROWS):
+            n = min(_SLAB_ROWS, rows - start)
+            slab = torch.randn(n, cols, generator=gen, device=self.device) * std
+            if tensor.kind == "linear":
+                q, scale = quantize_fp8_blocks(slab, FP8_BLOCK)
+                scales.append(scale.cpu())
+                yield q.cpu()
+            else:
+                yield slab.to(torch.bfloat16).cpu()
+        if tensor.kind == "linear":
+            self._pending_scales[tensor.name] = scales
+
+    def _vector(self, tensor: _Tensor, gen: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(tensor.shape, generator=gen, device=self.device)
+        if tensor.kind == "bias":
+            return (0.05 * noise).float().cpu()
+        return (1.0 + 0.1 * noise).to(torch.bfloat16).cpu()
+
+
+# -- writing -----------------------------------------------------------------------------------------------------
+
+
+def write_synthetic_checkpoint(
+    out_dir: Path, opts: SynthOptions, progress: Callable[[str], None] | None = None
+) -> Path:
+    """Write config.json, shards, the index and (when given) the tokenizer files into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = synth_config(opts)
+    tensors = checkpoint_tensors(cfg)
+    shards = _split_into_shards(tensors, max(1, opts.shards))
+    values = _Values(opts.seed, opts.device)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        owners = {spec.name: t for t in shard for spec in t.specs()}
+        specs = list(owners_specs(shard))
+        write_safetensors(out_dir / file, specs, lambda s, o=owners: values.produce(o[s.name], s), {"format": "pt"})
+        weight_map.update({spec.name: file for spec in specs})
+        total += sum(spec.nbytes for spec in specs)
+        if progress:
+            progress(f"wrote {file} ({len(specs)} tensors)")
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    generation = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "do_sample": True}
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if opts.tokenizer_dir is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(Path(opts.tokenizer_dir) / name, out_dir / name)
+    return out_dir
+
+
+def owners_specs(tensors: list[_Tensor]) -> Iterator[TensorSpec]:
+    for tensor in tensors:
+        yield from tensor.specs()
+
+
+def _split_into_shards(tensors: list[_Tensor], n: int) -> list[list[_Tensor]]:
+    """Consecutive runs of about equal bytes; a weight and its scale always stay together."""
+    sizes = [sum(s.nbytes for s in t.specs()) for t in tensors]
+    target = sum(sizes) / n
+    shards: list[list[_Tensor]] = [[]]
+    filled = 0.0
+    for tensor, size in zip(tensors, sizes, strict=True):
+        if filled >= target * len(shards) and len(shards) < n:
+            shards.append([])
+        shards[-1].append(tensor)
+        filled += size
+    return [s for s in shards if s]

@@ -1,0 +1,60 @@
+"""transformers' DeepseekV3ForCausalLM on a streamq checkpoint's dequantized weights: the reference model.
+
+transformers 5 keeps routed experts fused (``mlp.experts.gate_up_proj`` [E, 2I, H], ``mlp.experts.down_proj``
+[E, H, I]); the release stores them per expert. This maps one onto the other.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+from streamq.io.safetensors_stream import CheckpointReader
+from streamq.model.deepseek import MTP_EXTRAS
+
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def hf_config(reader: CheckpointReader) -> DeepseekV3Config:
+    raw = {k: v for k, v in reader.config.raw.items() if k != "quantization_config"}
+    cfg = DeepseekV3Config.from_dict(raw)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def hf_state_dict(reader: CheckpointReader, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Dequantized decoder weights under transformers' names (the MTP layers are left out, as transformers
+    does)."""
+    cfg = reader.config
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for name in reader.names():
+        if name.endswith("_scale_inv"):
+            continue
+        layer = re.match(r"model\.layers\.(\d+)\.(.*)", name)
+        if layer and (int(layer[1]) >= cfg.num_hidden_layers or layer[2].startswith(MTP_EXTRAS)):
+            continue
+        want = torch.float32 if reader.infos[name].dtype == torch.float32 else dtype
+        match = _EXPERT.match(name)
+        if match:
+            experts.setdefault(match[1], {}).setdefault(int(match[2]), {})[match[3]] = reader.weight(name, "cpu", want)
+        else:
+            out[name] = reader.weight(name, "cpu", want)
+    for prefix, per_expert in experts.items():
+        order = sorted(per_expert)
+        out[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([per_expert[e]["gate"], per_expert[e]["up"]]) for e in order]
+        )
+        out[f"{prefix}.down_proj"] = torch.stack([per_expert[e]["down"] for e in order])
+    return out
+
+
+def hf_model(reader: CheckpointReader, dtype: torch.dtype = torch.float32) -> DeepseekV3ForCausalLM:
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(hf_config(reader))
+    model.load_state_dict(hf_state_dict(reader, dtype), assign=True, strict=True)
+    # Non-persistent buffers (rotary frequencies) were created on the meta device: rebuild them.
+    model.model.rotary_emb = type(model.model.rotary_emb)(model.config)
+    return model.to(dtype).eval()
