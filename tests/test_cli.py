@@ -1,0 +1,52 @@
+"""The installed ``streamq`` command: help texts, synth, and one-line errors instead of tracebacks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import TOKENIZER_DIR, needs_shared
+
+from streamq.io.safetensors_stream import CheckpointReader
+
+
+def streamq(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("streamq") or str(Path(sys.executable).with_name("streamq"))
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_the_commands() -> None:
+    out = streamq("--help")
+    assert out.returncode == 0 and "synth" in out.stdout
+    out = streamq("synth", "--help")
+    assert out.returncode == 0 and "--preset" in out.stdout and "--tokenizer" in out.stdout
+
+
+def test_synth_writes_a_readable_sharded_checkpoint(tmp_path: Path) -> None:
+    out = streamq("synth", str(tmp_path / "m"), "--shards", "3", "--layers", "3", "--dense-layers", "1")
+    assert out.returncode == 0, out.stderr
+    reader = CheckpointReader(tmp_path / "m")
+    assert len(reader.shard_files) == 3
+    assert reader.config.num_hidden_layers == 3 and reader.config.first_k_dense_replace == 1
+    assert "model.layers.3.eh_proj.weight" in reader  # the MTP layer follows the decoder layers
+    assert reader.config.fp8_block == (128, 128)
+
+
+@needs_shared(TOKENIZER_DIR)
+def test_synth_copies_the_tokenizer_and_sizes_the_vocabulary(tmp_path: Path) -> None:
+    out = streamq("synth", str(tmp_path / "m"), "--tokenizer", str(TOKENIZER_DIR), "--no-mtp")
+    assert out.returncode == 0, out.stderr
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    tok = json.loads((TOKENIZER_DIR / "tokenizer.json").read_text())
+    assert cfg["vocab_size"] > max(tok["model"]["vocab"].values())
+    assert (tmp_path / "m" / "tokenizer_config.json").is_file()
+    assert cfg["num_nextn_predict_layers"] == 0
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
+    out = streamq("synth", str(tmp_path / "m"), "--preset", "huge")
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: --preset huge: unknown; choose one of tiny, v3"
