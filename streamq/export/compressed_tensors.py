@@ -1,0 +1,298 @@
+"""Quantized weights and their config in compressed-tensors' on-disk layout (checked against compressed-tensors 0.20).
+
+Integer weights: format "pack-quantized" for every bit width streamq produces (2, 3, 4, 8). compressed-tensors
+packs 1 to 8 bits in this one format; 8-bit weight-only is pack-quantized too ("int-quantized" is what it infers
+only when activations are also quantized), and vLLM's WNA16 kernels read 4 and 8-bit pack-quantized weights.
+Tensors of one Linear, named relative to the module:
+
+* ``weight_packed`` int32 [out, ceil(in·bits/32)], packed by compressed-tensors' own ``pack_to_int32``. Codes
+  are made unsigned (code + 2^(bits-1)) and each row is one little-endian bit stream: code j occupies bits
+  [j·bits, (j+1)·bits), 32 bits to a word, so a 3-bit code may straddle two words. For 2, 4 and 8 bits nothing
+  straddles and this is the classic "32/bits codes per int32, lowest bits first" layout that vLLM repacks for
+  Marlin. 3 bits is the dense layout compressed-tensors 0.20 introduced (older releases left 2 bits of each word
+  unused); no vLLM kernel reads 3 bits.
+* ``weight_scale`` [out, groups] (channel: [out, 1]) in ``scale_dtype``, multiplying: w = (q - zero_point)·scale.
+  bfloat16 by default: vLLM copies scales into parameters of the model dtype and compressed-tensors dequantizes
+  in the scale's dtype, so bf16 is what gets served. The scales must already be exact in that dtype (the solver
+  rounds them before computing codes); otherwise the checkpoint would not reproduce ``QuantResult.weight`` and
+  exporting raises.
+* ``weight_shape`` int64 [2] = (out, in); the packed width alone does not pin down ``in`` for 3 bits.
+* ``weight_zero_point``, asymmetric only: int32 [ceil(out·bits/32), groups], the same bit stream run down the
+  output dimension (compressed-tensors packs zero points with packed_dim=0; vLLM's loaders expect that).
+* never ``weight_g_idx``: compressed-tensors 0.20 removed actorder "group" (its QuantizationArgs rejects the
+  value and nothing reads g_idx any more), so a g_idx that really permutes groups cannot be exported; a trivial
+  one (natural order, or per channel) is dropped.
+
+FP8 weights kept as shipped: format "float-quantized", strategy "block" with block_structure [128, 128], and
+dynamic per-token-group (128) FP8 activations: DeepSeek-V3's own recipe, and what vLLM's W8A8-FP8 block path
+expects. DeepSeek's ``weight_scale_inv`` already multiplies (w = fp8·scale_inv), exactly like compressed-tensors'
+``weight_scale``, so it is renamed, not inverted, and kept in float32 (vLLM's block-scale parameter is float32).
+
+Config and module names. Checkpoints keep DeepSeek's per-expert names (``model.layers.N.mlp.experts.E.gate_proj``),
+which vLLM's DeepSeek loader maps onto its fused MoE parameters (``experts.w13_weight_packed`` ...) and
+transformers 5 merges into ``mlp.experts.gate_up_proj`` / ``down_proj`` after decompressing. Targets are ``re:``
+regexes, matched with ``re.match`` against module names by compressed-tensors and vLLM alike. vLLM picks the
+scheme of a fused MoE layer by probing ``<layer>.experts.0.{gate,up,down}_proj`` and requires all three to agree,
+and it fuses gate/up and q_a/kv_a into single Linears, so scopes are whole projection families. Every config
+group carries its own ``format`` ("mixed-precision" is only a summary; no compressor by that name exists).
+transformers 5.23 decompresses all fused experts with the first group whose ``re:`` targets contain the substring
+"experts", and every other module with the first group whose targets do not: so the integer group comes first
+and the FP8 regexes avoid the word "experts" (shared experts are matched as ``mlp.shared_\\w+``). It follows that
+transformers cannot load a checkpoint whose non-expert modules mix integer and FP8 schemes, hence exactly two
+scopes: "experts" (routed experts only) and "all" (every decoder Linear). The MTP layers (index >=
+``num_hidden_layers``) and anything else to leave alone go in ``ignore``; see ``mtp_ignore``.
+
+Loading in transformers 5.23: ``AutoModelForCausalLM.from_pretrained(path,
+quantization_config=CompressedTensorsConfig(dequantize=True))`` gives a dense model. Two limits there: fused
+experts are decompressed without their zero points, so asymmetric experts fail to load; and decompressed experts
+keep the scale dtype (bf16) even when another ``dtype`` is requested.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import compressed_tensors
+import torch
+from compressed_tensors.compressors import pack_to_int32
+
+from streamq.errors import StreamqError
+from streamq.solvers.scheme import QuantResult, QuantScheme, SolverConfig
+
+Scope = Literal["experts", "all"]
+
+PACK_QUANTIZED = "pack-quantized"
+FLOAT_QUANTIZED = "float-quantized"
+MIXED_PRECISION = "mixed-precision"
+
+ROUTED_EXPERTS = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"
+# Dense MLPs and shared experts; deliberately free of the word "experts" (see the module docstring).
+DENSE_MLPS = r"re:.*mlp\.(shared_\w+\.)?(gate|up|down)_proj$"
+ATTENTION = r"re:.*self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)$"
+
+_NO_GROUP_ACTORDER = (
+    'actorder "group" (a g_idx that permutes groups) cannot be exported: compressed-tensors 0.20 removed it; '
+    'quantize with actorder "weight"'
+)
+_SCOPE_TARGETS: dict[str, tuple[str, ...]] = {
+    "experts": (ROUTED_EXPERTS,),
+    "all": (ROUTED_EXPERTS, DENSE_MLPS, ATTENTION),
+}
+
+
+def int_targets(scope: Scope) -> list[str]:
+    """The modules the integer group quantizes."""
+    if scope not in _SCOPE_TARGETS:
+        raise StreamqError(f"scope {scope!r} is not supported; use one of {', '.join(_SCOPE_TARGETS)}")
+    return list(_SCOPE_TARGETS[scope])
+
+
+def fp8_passthrough_targets(scope: Scope) -> list[str]:
+    """The decoder Linears a DeepSeek FP8 checkpoint ships in FP8 that ``scope`` leaves unquantized."""
+    return [t for t in _SCOPE_TARGETS["all"] if t not in int_targets(scope)]
+
+
+def mtp_ignore(num_hidden_layers: int, num_nextn_predict_layers: int) -> list[str]:
+    """Ignore entries for the multi-token-prediction layers stored after the decoder layers."""
+    return [rf"re:.*layers\.{i}\." for i in range(num_hidden_layers, num_hidden_layers + num_nextn_predict_layers)]
+
+
+def with_prefix(module: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint names for the module-relative tensors of one module."""
+    return {f"{module}.{name}": tensor for name, tensor in tensors.items()}
+
+
+def unbatch(result: QuantResult) -> list[QuantResult]:
+    """Split a solver result for a stack of experts [E, out, in] into one result per expert."""
+    if result.q.dim() != 3:
+        raise ValueError(f"unbatch expects codes of shape [E, out, in], got {tuple(result.q.shape)}")
+
+    def pick(tensor: torch.Tensor | None, e: int) -> torch.Tensor | None:
+        return None if tensor is None else tensor[e]
+
+    return [
+        QuantResult(
+            q=result.q[e],
+            scale=result.scale[e],
+            zero_point=pick(result.zero_point, e),
+            g_idx=pick(result.g_idx, e),
+            weight=result.weight[e],
+        )
+        for e in range(result.q.shape[0])
+    ]
+
+
+def pack_linear(
+    result: QuantResult, scheme: QuantScheme, scale_dtype: torch.dtype = torch.bfloat16
+) -> dict[str, torch.Tensor]:
+    """The pack-quantized tensors of one quantized Linear [out, in], named relative to the module."""
+    _check_result(result, scheme)
+    tensors = {
+        "weight_packed": pack_to_int32(result.q, scheme.bits),
+        "weight_scale": _exact_scale(result.scale, scale_dtype),
+        "weight_shape": torch.tensor(result.q.shape, dtype=torch.int64, device=result.q.device),
+    }
+    if result.zero_point is not None:
+        tensors["weight_zero_point"] = pack_to_int32(result.zero_point, scheme.bits, packed_dim=0)
+    return tensors
+
+
+def fp8_block_linear(
+    weight_fp8: torch.Tensor, weight_scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)
+) -> dict[str, torch.Tensor]:
+    """An FP8 Linear kept as shipped, in compressed-tensors' float-quantized block naming."""
+    if weight_fp8.dtype != torch.float8_e4m3fn or weight_fp8.dim() != 2:
+        raise StreamqError(
+            f"FP8 weight is {weight_fp8.dtype} {tuple(weight_fp8.shape)}, expected a 2-D float8_e4m3fn matrix; "
+            "pass DeepSeek's FP8 weight as stored in the checkpoint"
+        )
+    expected = tuple(-(-dim // size) for dim, size in zip(weight_fp8.shape, block, strict=True))
+    if tuple(weight_scale_inv.shape) != expected:
+        raise StreamqError(
+            f"weight_scale_inv has shape {tuple(weight_scale_inv.shape)}, expected {expected} for a "
+            f"{tuple(weight_fp8.shape)} weight in {block[0]}x{block[1]} blocks; check the checkpoint's block size"
+        )
+    return {"weight": weight_fp8, "weight_scale": weight_scale_inv.to(torch.float32)}
+
+
+def quantization_config(
+    scheme: QuantScheme,
+    solver_cfg: SolverConfig,
+    *,
+    ignore: list[str],
+    fp8_targets: list[str] | None = None,
+    scope: Scope = "experts",
+    fp8_block: tuple[int, int] = (128, 128),
+) -> dict[str, Any]:
+    """The ``quantization_config`` entry of config.json for a checkpoint written with this module."""
+    if solver_cfg.scheme != scheme:
+        raise ValueError(f"solver config was run with {solver_cfg.scheme}, not {scheme}")
+    targets = int_targets(scope)
+    overlap = sorted(set(targets) & set(fp8_targets or ()))
+    if overlap:
+        raise StreamqError(f"{overlap} are both quantized and kept in FP8; drop them from fp8_targets")
+    groups = {"group_0": _int_group(scheme, solver_cfg, targets)}
+    if fp8_targets:
+        groups["group_1"] = _fp8_block_group(fp8_targets, fp8_block)
+    return {
+        "quant_method": "compressed-tensors",
+        "format": MIXED_PRECISION if len(groups) > 1 else PACK_QUANTIZED,
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": list(ignore),
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "version": compressed_tensors.__version__,
+    }
+
+
+def _int_group(scheme: QuantScheme, solver_cfg: SolverConfig, targets: list[str]) -> dict[str, Any]:
+    per_channel = scheme.group_size == 0
+    return {
+        "targets": targets,
+        "format": PACK_QUANTIZED,
+        "weights": {
+            "num_bits": scheme.bits,
+            "type": "int",
+            "symmetric": scheme.symmetric,
+            "strategy": "channel" if per_channel else "group",
+            "group_size": None if per_channel else scheme.group_size,
+            "actorder": _actorder(solver_cfg, per_channel),
+            "dynamic": False,
+            "observer": solver_cfg.observer,
+        },
+        "input_activations": None,
+        "output_activations": None,
+    }
+
+
+def _actorder(solver_cfg: SolverConfig, per_channel: bool) -> str | None:
+    """The declared actorder. It is informational for "weight" (same tensors as none), and "group" is only
+    expressible per channel, where every column shares one group and it means the same as "weight"."""
+    if solver_cfg.actorder == "none":
+        return None
+    if solver_cfg.actorder == "group" and not per_channel:
+        raise StreamqError(_NO_GROUP_ACTORDER)
+    return "weight"
+
+
+def _fp8_block_group(targets: list[str], block: tuple[int, int]) -> dict[str, Any]:
+    if any("experts" in target for target in targets):
+        # transformers would pick this group for the fused routed experts (see the module docstring).
+        raise StreamqError(
+            f"FP8 targets {targets} contain the word 'experts', which transformers reads as the experts' "
+            r"group; match shared experts as 'mlp\.shared_\w+' instead"
+        )
+    return {
+        "targets": list(targets),
+        "format": FLOAT_QUANTIZED,
+        "weights": {
+            "num_bits": 8,
+            "type": "float",
+            "symmetric": True,
+            "strategy": "block",
+            "block_structure": list(block),
+            "dynamic": False,
+        },
+        "input_activations": {
+            "num_bits": 8,
+            "type": "float",
+            "symmetric": True,
+            "strategy": "group",
+            "group_size": block[1],
+            "dynamic": True,
+        },
+        "output_activations": None,
+    }
+
+
+def _check_result(result: QuantResult, scheme: QuantScheme) -> None:
+    if result.q.dim() != 2:
+        raise ValueError("pack_linear takes one matrix [out, in]; split stacked experts with unbatch first")
+    out_features, in_features = result.q.shape
+    if scheme.group_size and in_features % scheme.group_size:
+        raise StreamqError(
+            f"in_features {in_features} is not a multiple of group_size {scheme.group_size}, which "
+            "compressed-tensors and vLLM require; choose a group size that divides it or group_size 0"
+        )
+    _check_codes(result.q, scheme, "codes")
+    groups = scheme.num_groups(in_features)
+    if tuple(result.scale.shape) != (out_features, groups):
+        raise ValueError(f"scale has shape {tuple(result.scale.shape)}, expected {(out_features, groups)}")
+    if scheme.symmetric != (result.zero_point is None):
+        raise ValueError(f"zero_point must be given exactly when the scheme is asymmetric ({scheme})")
+    if result.zero_point is not None:
+        if tuple(result.zero_point.shape) != (out_features, groups):
+            raise ValueError(
+                f"zero_point has shape {tuple(result.zero_point.shape)}, expected {(out_features, groups)}"
+            )
+        _check_codes(result.zero_point, scheme, "zero points")
+    if result.g_idx is not None and not _is_natural_order(result.g_idx, in_features, scheme):
+        raise StreamqError(_NO_GROUP_ACTORDER)
+
+
+def _check_codes(values: torch.Tensor, scheme: QuantScheme, what: str) -> None:
+    if values.dtype != torch.int8:
+        raise ValueError(f"{what} must be int8, got {values.dtype}")
+    if values.numel() and (values.min() < scheme.qmin or values.max() > scheme.qmax):
+        raise ValueError(f"{what} leave [{scheme.qmin}, {scheme.qmax}], the {scheme.bits}-bit range")
+
+
+def _is_natural_order(g_idx: torch.Tensor, in_features: int, scheme: QuantScheme) -> bool:
+    if tuple(g_idx.shape) != (in_features,):
+        raise ValueError(f"g_idx has shape {tuple(g_idx.shape)}, expected ({in_features},)")
+    columns = torch.arange(in_features, device=g_idx.device)
+    natural = torch.zeros_like(columns) if scheme.group_size == 0 else columns // scheme.group_size
+    return bool(torch.equal(g_idx.to(natural.dtype), natural))
+
+
+def _exact_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    cast = scale.to(dtype)
+    if not torch.isfinite(scale).all():
+        raise StreamqError("scales contain NaN or Inf; check the solver's fallbacks for this matrix")
+    if not torch.equal(cast.to(scale.dtype), scale):
+        raise StreamqError(
+            f"scales are not exactly representable in {dtype}, so the checkpoint would not reproduce the solved "
+            f"weight; have the solver round scales to {dtype} before computing codes, or pass that scale_dtype"
+        )
+    return cast
