@@ -1,0 +1,175 @@
+"""The GPTQ column sweep over one narrow block of columns, for a batch of matrices.
+
+Both forms of GPTQ used by ``streamq.solvers.gptq`` reduce to one recurrence over the block's columns j:
+
+    v_j = work_j + sum_{i<j} d_i * M[i, j]        (value at the moment column j is quantized)
+    q_j = round_half_even(clamp(v_j / s_j + z_j, qmin, qmax))
+    d_j = orig_j - deq_j   (``babai=True``)   or   deq_j - v_j   (``babai=False``),   deq_j = (q_j - z_j) * s_j
+
+where ``M`` is the block's strictly upper feedback matrix, ``work`` the columns after every earlier block's
+feedback, ``orig`` the original (permuted) weights, and ``s_j``/``z_j`` the scale/zero of column j's group
+``gidx[j]``. Rows are independent, so a Triton program owns ``BLOCK_R`` rows of one matrix and walks the
+columns with its ``d`` tile in registers.
+
+Calling convention (the same for the reference and the kernel; tensors are [E, ...] batches):
+    work  [E, R, C] float32, read only         orig  [E, R, C] float32, overwritten with d
+    m     [E, C, C] float32, strictly upper     scale [E, R, G] float32;  zero like scale, or None
+    gidx  [E, C] int32 (may be expanded)       codes [E, R, C] int8, written
+Views with a unit stride on the last dimension are fine; nothing is copied.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with every Linux torch build we support
+    triton = None
+
+DEFAULT_BLOCK_R = 64
+
+
+def gptq_block_ref(
+    work: torch.Tensor,
+    orig: torch.Tensor,
+    m: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    gidx: torch.Tensor,
+    codes: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    babai: bool,
+) -> None:
+    """Pure-torch sweep with the kernel's signature (any float dtype; the solver's CPU path)."""
+    v = work.clone()
+    for j in range(work.shape[-1]):
+        g = gidx[:, j].long().view(-1, 1, 1).expand(-1, scale.shape[1], 1)
+        s = scale.gather(2, g).squeeze(2)
+        z = None if zero is None else zero.gather(2, g).squeeze(2)
+        scaled = v[..., j] / s if z is None else v[..., j] / s + z
+        q = torch.round(torch.clamp(scaled, qmin, qmax))
+        deq = (q if z is None else q - z) * s
+        d = orig[..., j] - deq if babai else deq - v[..., j]
+        v[..., j + 1 :] += d.unsqueeze(-1) * m[:, j, j + 1 :].unsqueeze(1)
+        orig[..., j] = d
+        codes[..., j] = q.to(codes.dtype)
+
+
+def gptq_block_triton(
+    work: torch.Tensor,
+    orig: torch.Tensor,
+    m: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    gidx: torch.Tensor,
+    codes: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    babai: bool,
+    block_r: int = DEFAULT_BLOCK_R,
+) -> None:
+    """Triton sweep (float32 only). Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1``."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    experts, rows, cols = work.shape
+    if zero is not None and zero.stride() != scale.stride():
+        raise ValueError("zero must have the same strides as scale")
+    zero_arg = scale if zero is None else zero  # never read when HAS_ZERO is false
+    grid = (triton.cdiv(rows, block_r), experts)
+    _gptq_block_kernel[grid](
+        work, orig, m, scale, zero_arg, gidx, codes,
+        rows, cols, float(qmin), float(qmax),
+        *work.stride(), *orig.stride(), *m.stride(), *scale.stride(), *gidx.stride(), *codes.stride(),
+        HAS_ZERO=zero is not None,
+        BABAI=babai,
+        BLOCK_R=block_r,
+        BLOCK_C=max(16, triton.next_power_of_2(cols)),
+    )  # fmt: skip
+
+
+def gptq_block(
+    work: torch.Tensor,
+    orig: torch.Tensor,
+    m: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    gidx: torch.Tensor,
+    codes: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    babai: bool,
+    use_triton: bool,
+) -> None:
+    """Dispatch to the kernel or the reference."""
+    sweep = gptq_block_triton if use_triton else gptq_block_ref
+    sweep(work, orig, m, scale, zero, gidx, codes, qmin, qmax, babai)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _round_half_even(x):
+        # libdevice.rint has no CPU-interpreter implementation; this is exact for |x| < 2**23.
+        low = tl.floor(x)
+        frac = x - low
+        low_is_odd = low - 2.0 * tl.floor(0.5 * low)
+        return tl.where(frac > 0.5, low + 1.0, tl.where(frac < 0.5, low, low + low_is_odd))
+
+    @triton.jit
+    def _gptq_block_kernel(
+        work_ptr, orig_ptr, m_ptr, scale_ptr, zero_ptr, gidx_ptr, codes_ptr,
+        n_rows, n_cols, qmin, qmax,
+        s_work_e, s_work_r, s_work_c,
+        s_orig_e, s_orig_r, s_orig_c,
+        s_m_e, s_m_i, s_m_j,
+        s_scale_e, s_scale_r, s_scale_g,
+        s_gidx_e, s_gidx_c,
+        s_codes_e, s_codes_r, s_codes_c,
+        HAS_ZERO: tl.constexpr,
+        BABAI: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        # int64 expert offsets: a batch of gate+up rows of DeepSeek-V3 passes 2**31 elements.
+        expert = tl.program_id(1).to(tl.int64)
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_C)
+        row_ok = rows < n_rows
+        tile_ok = row_ok[:, None] & (cols[None, :] < n_cols)
+
+        work_rows = work_ptr + expert * s_work_e + rows * s_work_r
+        orig_rows = orig_ptr + expert * s_orig_e + rows * s_orig_r
+        scale_rows = scale_ptr + expert * s_scale_e + rows * s_scale_r
+        zero_rows = zero_ptr + expert * s_scale_e + rows * s_scale_r
+        m_block = m_ptr + expert * s_m_e
+        gidx_row = gidx_ptr + expert * s_gidx_e
+
+        # The sweep is left-looking: column j's feedback is the dot of the finished columns' d with M[:, j],
+        # so only d and the codes stay in registers and nothing is written until the block is done.
+        feedback = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        code_tile = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        for j in range(n_cols):
+            m_col = tl.load(m_block + cols * s_m_i + j * s_m_j, mask=cols < j, other=0.0)
+            v = tl.load(work_rows + j * s_work_c, mask=row_ok, other=0.0)
+            v += tl.sum(feedback * m_col[None, :], axis=1)
+            group = tl.load(gidx_row + j * s_gidx_c)
+            s = tl.load(scale_rows + group * s_scale_g, mask=row_ok, other=1.0)
+            if HAS_ZERO:
+                z = tl.load(zero_rows + group * s_scale_g, mask=row_ok, other=0.0)
+                q = _round_half_even(tl.div_rn(v, s) + z)
+            else:
+                z = 0.0
+                q = _round_half_even(tl.div_rn(v, s))
+            q = tl.minimum(tl.maximum(q, qmin), qmax)
+            deq = (q - z) * s
+            d = tl.load(orig_rows + j * s_orig_c, mask=row_ok, other=0.0) - deq if BABAI else deq - v
+            hit = cols[None, :] == j
+            feedback = tl.where(hit, d[:, None], feedback)
+            code_tile = tl.where(hit, q[:, None], code_tile)
+
+        tl.store(orig_rows[:, None] + cols[None, :] * s_orig_c, feedback, mask=tile_ok)
+        codes_tile_ptr = codes_ptr + expert * s_codes_e + rows[:, None] * s_codes_r + cols[None, :] * s_codes_c
+        tl.store(codes_tile_ptr, code_tile.to(tl.int8), mask=tile_ok)

@@ -1,0 +1,32 @@
+"""Why a matrix was not solved normally: the keys of ``QuantResult.fallbacks``, each counting matrices.
+
+Nothing here is silent: every case below is counted in the result the solver returns.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+NONFINITE_WEIGHT = "nonfinite_weight"  # W had NaN/Inf entries: solved as if they were 0
+NONFINITE_HESSIAN = "nonfinite_hessian"  # H had NaN/Inf entries; the matrix was quantized with RTN
+ZERO_HESSIAN = "zero_hessian"  # H was all zero (the expert saw no token); RTN
+EXTRA_DAMPING = "extra_damping"  # Cholesky failed at the configured damping and succeeded with more
+NOT_POSITIVE_DEFINITE = "not_positive_definite"  # Cholesky failed up to the damping limit; RTN
+
+REASONS = (NONFINITE_WEIGHT, NONFINITE_HESSIAN, ZERO_HESSIAN, EXTRA_DAMPING, NOT_POSITIVE_DEFINITE)
+
+
+def count(counter: Counter[str], reason: str, mask: torch.Tensor) -> None:
+    """Add the number of matrices flagged in ``mask`` (a bool tensor, one entry per matrix) under ``reason``."""
+    flagged = int(mask.sum().item())
+    if flagged:
+        counter[reason] += flagged
+
+
+def zero_nonfinite(w: torch.Tensor, counter: Counter[str]) -> torch.Tensor:
+    """Replace NaN/Inf weights by 0, counting the matrices ([..., out, in]) that had any."""
+    finite = torch.isfinite(w)
+    count(counter, NONFINITE_WEIGHT, ~finite.flatten(-2).all(-1))
+    return torch.where(finite, w, torch.zeros((), dtype=w.dtype, device=w.device))

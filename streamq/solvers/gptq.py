@@ -1,0 +1,318 @@
+"""GPTQ (Frantar et al., 2022) for batches of same-shape matrices, e.g. all experts of one MoE layer.
+
+``gptq_quantize(W, H, cfg)`` takes one matrix ``[out, in]`` with its Hessian ``[in, in]``, or a batch
+``[E, out, in]`` with ``[E, in, in]``; the single matrix is the E = 1 case of the same code.
+
+Gate and up projections see the same input, so they share a Hessian: concatenate their rows,
+``W = cat([gate, up], dim=-2)`` of shape ``[E, 2I, H]``, pass one H per expert, and split the result's
+rows. GPTQ's rows are independent given H (the recurrence mixes columns, never rows), so this is the same
+result as two calls, for half the Cholesky work.
+
+How it runs (see ``hessian.py`` for the algebra):
+
+1. Each Hessian is validated, damped and factored once (one Cholesky of the reversed matrix).
+2. Columns are solved in panels, recursively: a narrow leaf of ``sweep_width`` columns is swept by
+   ``streamq.kernels.gptq_block`` (Triton on CUDA), and every finished panel passes its feedback to the
+   rest of its parent panel with one batched matmul. The matmuls hold nearly all the flops; TF32 for them
+   is measured in bench/gptq_notes.md.
+3. Group scales: ``actorder="weight"`` and per-channel fit them on the original weights before the sweep;
+   ``"none"`` and ``"group"`` fit each group when the sweep reaches its first column, on the values updated
+   by every earlier column (the reference GPTQ's behaviour). Panels are aligned so that a group is always
+   complete and up to date at that moment.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from streamq.kernels.gptq_block import gptq_block
+from streamq.solvers import fallbacks as fb
+from streamq.solvers.hessian import DampingPolicy, FactorForm, prepare_hessians
+from streamq.solvers.observers import fit_qparams
+from streamq.solvers.rtn import make_result, static_qparams
+from streamq.solvers.scheme import QuantResult, SolverConfig
+
+Backend = Literal["auto", "triton", "torch"]
+
+_CPU_MEMORY_BUDGET = 4 << 30
+_CUDA_FREE_MEMORY_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class SolveOptions:
+    """How to run the solver. None of these change the algorithm; ``tf32`` changes rounding in the
+    feedback matmuls, ``form`` and ``dtype`` change rounding everywhere."""
+
+    memory_budget: int | None = None  # bytes of working memory for a chunk of experts; None = automatic
+    tf32: bool = True  # TF32 tensor cores for the feedback matmuls (CUDA only)
+    sweep_width: int = 32  # columns swept by one kernel launch
+    outer_panel: int = 1024  # panel above cfg.block_size, so most feedback flops go to large matmuls; 0 = off
+    form: FactorForm = "cholesky"
+    backend: Backend = "auto"  # auto: Triton for CUDA tensors, torch otherwise
+    dtype: torch.dtype = torch.float32  # the torch backend's working precision (Triton is float32 only)
+    damping: DampingPolicy = field(default_factory=DampingPolicy)
+
+
+@dataclass
+class _Sweep:
+    """The buffers of one chunk's column sweep, all in solving order."""
+
+    work: torch.Tensor  # [E, out, n] values after all feedback applied so far
+    orig: torch.Tensor  # [E, out, n] original weights; each leaf overwrites its columns with d
+    feedback: torch.Tensor  # [E, n, n] strictly upper M
+    scale: torch.Tensor  # [E, out, groups]
+    zero: torch.Tensor | None
+    gidx: torch.Tensor  # [E, n] group of each solving position
+    codes: torch.Tensor  # [E, out, n] int8
+    widths: tuple[int, ...]  # panel widths, outermost first; the last is the leaf
+    cfg: SolverConfig
+    dynamic_groups: bool
+    babai: bool
+    use_triton: bool
+
+
+def gptq_quantize(
+    w: torch.Tensor, h: torch.Tensor, cfg: SolverConfig | None = None, options: SolveOptions | None = None
+) -> QuantResult:
+    """Quantize ``w`` ``[out, in]`` / ``[E, out, in]`` with Hessians ``h`` ``[in, in]`` / ``[E, in, in]``.
+
+    Works on the device of ``w``; experts are solved in chunks that fit ``options.memory_budget``. The
+    inputs are not modified. Unusable Hessians fall back to RTN for that matrix, counted in ``fallbacks``.
+    """
+    cfg = cfg or SolverConfig()
+    options = options or SolveOptions()
+    batched = w.dim() == 3
+    w3, h3 = (w, h) if batched else (w.unsqueeze(0), h.unsqueeze(0))
+    _check_inputs(w3, h3, cfg)
+    use_triton = _use_triton(options.backend, w3)
+    experts, out, n = w3.shape
+    step = experts_per_chunk(out, n, _memory_budget(options, w3.device))
+    result: QuantResult | None = None
+    for lo in range(0, experts, step):
+        part = _solve_chunk(w3[lo : lo + step], h3[lo : lo + step], cfg, options, use_triton)
+        result = part if step >= experts else _place(result, part, lo, experts)
+    assert result is not None
+    return result if batched else _unbatch(result)
+
+
+def experts_per_chunk(out: int, n: int, budget: int) -> int:
+    """How many experts one chunk holds: per expert the n x n feedback matrix and ~5 copies of W in
+    float32 (working, original, codes, dequantized), plus one expert's transient Hessian copies."""
+    per_expert = 4 * n * n + 20 * out * n
+    transient = 16 * n * n
+    return max(1, (budget - transient) // per_expert)
+
+
+def dynamic_groups(cfg: SolverConfig) -> bool:
+    """Whether group scales are fitted during the sweep (in solving order) rather than before it."""
+    return cfg.scheme.group_size > 0 and cfg.actorder in ("none", "group")
+
+
+def panel_widths(cfg: SolverConfig, options: SolveOptions) -> tuple[int, ...]:
+    """Nested panel widths, outermost first, each a multiple of the next. A dynamic group never straddles
+    the innermost non-leaf panel, and starts on a leaf boundary, so it is up to date when fitted."""
+    gs = cfg.scheme.group_size
+    leaf = max(1, min(options.sweep_width, cfg.block_size))
+    block = cfg.block_size
+    if dynamic_groups(cfg):
+        leaf = math.gcd(leaf, gs)
+        block = math.lcm(block, gs)
+    block = _round_up(block, leaf)
+    widths = [leaf] if block == leaf else [block, leaf]
+    if options.outer_panel > widths[0]:
+        widths.insert(0, _round_up(options.outer_panel, widths[0]))
+    return tuple(widths)
+
+
+def _solve_chunk(
+    w: torch.Tensor, h: torch.Tensor, cfg: SolverConfig, options: SolveOptions, use_triton: bool
+) -> QuantResult:
+    dtype = torch.float32 if use_triton else options.dtype
+    counter: Counter[str] = Counter()
+    w32 = fb.zero_nonfinite(w.to(dtype), counter)
+    prep = prepare_hessians(h, cfg, options.form, options.damping, dtype)
+    counter.update(prep.fallbacks)
+    w32.masked_fill_(prep.dead.unsqueeze(1), 0.0)
+
+    experts, out, n = w32.shape
+    gs = cfg.scheme.group_size
+    dynamic = dynamic_groups(cfg)
+    if dynamic:
+        groups = cfg.scheme.num_groups(n)
+        scale = torch.empty(experts, out, groups, dtype=dtype, device=w.device)
+        zero = None if cfg.scheme.symmetric else torch.empty_like(scale)
+        gidx = _group_of_position(torch.arange(n, device=w.device), gs).expand(experts, n)
+    else:
+        scale, zero = static_qparams(w32, cfg)
+        natural = torch.arange(n, device=w.device).expand(experts, n) if prep.perm is None else prep.perm
+        gidx = _group_of_position(natural, gs)
+
+    orig = w32 if prep.perm is None else w32.gather(2, prep.perm.unsqueeze(1).expand(experts, out, n))
+    del w32
+    sweep = _Sweep(
+        work=orig.clone(),
+        orig=orig,
+        feedback=prep.feedback,
+        scale=scale,
+        zero=zero,
+        gidx=gidx,
+        codes=torch.empty(experts, out, n, dtype=torch.int8, device=w.device),
+        widths=panel_widths(cfg, options),
+        cfg=cfg,
+        dynamic_groups=dynamic,
+        babai=options.form == "cholesky",
+        use_triton=use_triton,
+    )
+    with _tf32_matmuls(options.tf32 and w.is_cuda):
+        _solve_panel(sweep, 0, n, 0)
+
+    codes, g_idx = sweep.codes, None
+    if prep.perm is not None:
+        position = torch.argsort(prep.perm, dim=-1)
+        codes = codes.gather(2, position.unsqueeze(1).expand(experts, out, n))
+        if dynamic:
+            g_idx = _group_of_position(position, gs)
+    return make_result(codes, scale, zero, g_idx, cfg, w.dtype, counter)
+
+
+def _solve_panel(sweep: _Sweep, lo: int, hi: int, level: int) -> None:
+    """Solve columns [lo, hi) in sub-panels of ``widths[level]``; each finished sub-panel feeds its error
+    forward to the rest of [lo, hi) at once (the parent panel passes it further when it finishes)."""
+    width = sweep.widths[level]
+    for a in range(lo, hi, width):
+        b = min(a + width, hi)
+        if level + 1 == len(sweep.widths):
+            _solve_leaf(sweep, a, b)
+        else:
+            _solve_panel(sweep, a, b, level + 1)
+        if b < hi:
+            sweep.work[:, :, b:hi].baddbmm_(sweep.orig[:, :, a:b], sweep.feedback[:, a:b, b:hi])
+
+
+def _solve_leaf(sweep: _Sweep, a: int, b: int) -> None:
+    gs = sweep.cfg.scheme.group_size
+    if sweep.dynamic_groups and a % gs == 0:
+        scale, zero = fit_qparams(_group_values(sweep, a, a + gs), sweep.cfg)
+        sweep.scale[:, :, a // gs] = scale
+        if sweep.zero is not None:
+            sweep.zero[:, :, a // gs] = zero
+    scheme = sweep.cfg.scheme
+    gptq_block(
+        sweep.work[:, :, a:b],
+        sweep.orig[:, :, a:b],
+        sweep.feedback[:, a:b, a:b],
+        sweep.scale,
+        sweep.zero,
+        sweep.gidx[:, a:b],
+        sweep.codes[:, :, a:b],
+        scheme.qmin,
+        scheme.qmax,
+        babai=sweep.babai,
+        use_triton=sweep.use_triton,
+    )
+
+
+def _group_values(sweep: _Sweep, a: int, b: int) -> torch.Tensor:
+    """The values of columns [a, b) that the classic GPTQ fits a group's scale on: the optimal update of
+    the weights given every column before a quantized (OBS), w_g + d_<a H_<a,g H_g,g^-1 restricted to g.
+
+    The classic form's ``work`` holds exactly that. The Cholesky form's partial sums differ: with H = R R^T
+    they are w_g + (d_<a R_<a,g) D_g^-1 (D = diag R) where the OBS update is w_g + d_<a R_<a,g R_g,g^-1;
+    as the feedback block M_gg = R_gg D_g^-1 - I, one unit-triangular solve with the group's own block
+    converts one into the other.
+    """
+    work = sweep.work[:, :, a:b]
+    if not sweep.babai:
+        return work
+    orig = sweep.orig[:, :, a:b]
+    unit_upper = sweep.feedback[:, a:b, a:b]  # its zero diagonal is read as ones
+    return orig + torch.linalg.solve_triangular(unit_upper, work - orig, upper=True, left=False, unitriangular=True)
+
+
+def _group_of_position(columns: torch.Tensor, group_size: int) -> torch.Tensor:
+    """int32 group index of input columns (all 0 per channel)."""
+    if group_size == 0:
+        return torch.zeros_like(columns, dtype=torch.int32)
+    return torch.div(columns, group_size, rounding_mode="floor").to(torch.int32)
+
+
+def _check_inputs(w: torch.Tensor, h: torch.Tensor, cfg: SolverConfig) -> None:
+    if w.dim() != 3 or h.dim() != 3:
+        raise ValueError(f"expected W [out, in] with H [in, in], or W [E, out, in] with H [E, in, in]; got "
+                         f"{tuple(w.shape)} and {tuple(h.shape)}")  # fmt: skip
+    experts, _, n = w.shape
+    if h.shape != (experts, n, n):
+        raise ValueError(f"H has shape {tuple(h.shape)}, expected {(experts, n, n)} for W {tuple(w.shape)}")
+    if h.device != w.device:
+        raise ValueError(f"W is on {w.device} and H on {h.device}")
+    gs = cfg.scheme.group_size
+    if gs and n % gs:
+        raise ValueError(f"in_features {n} is not a multiple of group_size {gs}")
+
+
+def _use_triton(backend: Backend, w: torch.Tensor) -> bool:
+    if backend == "auto":
+        return w.is_cuda
+    if backend in ("triton", "torch"):
+        return backend == "triton"
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def _memory_budget(options: SolveOptions, device: torch.device) -> int:
+    if options.memory_budget is not None:
+        return options.memory_budget
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * _CUDA_FREE_MEMORY_SHARE)
+    return _CPU_MEMORY_BUDGET
+
+
+@contextmanager
+def _tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """TF32 for float32 matmuls inside the block only; the caller's setting is restored after."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _place(total: QuantResult | None, part: QuantResult, lo: int, experts: int) -> QuantResult:
+    """Write a chunk's result into the batch result (allocated from the first chunk)."""
+    if total is None:
+        total = QuantResult(
+            **{name: _batch_like(getattr(part, name), experts) for name in ("q", "scale", "zero_point", "g_idx")},
+            weight=_batch_like(part.weight, experts),
+        )
+    for name in ("q", "scale", "zero_point", "g_idx", "weight"):
+        dst = getattr(total, name)
+        if dst is not None:
+            dst[lo : lo + getattr(part, name).shape[0]] = getattr(part, name)
+    total.fallbacks = dict(Counter(total.fallbacks) + Counter(part.fallbacks))
+    return total
+
+
+def _batch_like(t: torch.Tensor | None, experts: int) -> torch.Tensor | None:
+    return None if t is None else t.new_empty((experts, *t.shape[1:]))
+
+
+def _unbatch(r: QuantResult) -> QuantResult:
+    def first(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[0]
+
+    return QuantResult(
+        q=r.q[0], scale=r.scale[0], zero_point=first(r.zero_point), g_idx=first(r.g_idx), weight=r.weight[0],
+        fallbacks=r.fallbacks,
+    )  # fmt: skip
