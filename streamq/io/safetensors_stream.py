@@ -25,11 +25,13 @@ import torch
 
 from streamq.config import ModelConfig
 from streamq.errors import StreamqError
+from streamq.io.packed import dequantize_packed, int_bits
 from streamq.kernels.fp8_blocks import dequant_fp8_blocks
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 SCALE_SUFFIX = "_scale_inv"
+CT_SCALE_SUFFIX = "_scale"  # compressed-tensors' name for an FP8 weight's block scale
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 DTYPES: dict[str, torch.dtype] = {
@@ -168,10 +170,13 @@ class CheckpointReader:
         self.infos = _index_tensors(self.dir)
         self.infos.update(_fused_expert_views(self.infos))
         self._maps: dict[Path, _MappedFile] = {}
+        # Quantized output of streamq: packed modules read back under their dense weight name.
+        self.packed_bits = int_bits(self.config.raw)
+        self.packed = {n.removesuffix("_packed") for n in self.infos if n.endswith(".weight_packed")}
 
     # -- discovery ---------------------------------------------------------------------------------------------
     def __contains__(self, name: str) -> bool:
-        return name in self.infos
+        return name in self.infos or name in self.packed
 
     @property
     def shard_files(self) -> list[Path]:
@@ -198,10 +203,15 @@ class CheckpointReader:
     def weight(
         self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16
     ) -> torch.Tensor:
-        """The tensor in ``dtype``; FP8 weights are dequantized with their block scales on ``device``."""
+        """The tensor in ``dtype``; FP8 weights are dequantized with their block scales on ``device``, and
+        pack-quantized ones (streamq's output) with their group scales."""
+        if name in self.packed:
+            return self._unpack(name, device, dtype)
         tensor = self.raw(name, device)
         if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             scale_name = name + SCALE_SUFFIX
+            if scale_name not in self.infos:
+                scale_name = name + CT_SCALE_SUFFIX
             if scale_name not in self.infos:
                 raise StreamqError(
                     f"{self.infos[name].file}: FP8 tensor {name} has no {scale_name}; the checkpoint is incomplete"
@@ -210,6 +220,19 @@ class CheckpointReader:
             return dequant_fp8_blocks(tensor, self.raw(scale_name, device), block, dtype)
         return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
+    def _unpack(self, name: str, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        if self.packed_bits is None:
+            raise StreamqError(f"{self.dir / 'config.json'}: packed weights but no integer quantization_config group")
+        zero = name + "_zero_point"
+        return dequantize_packed(
+            self.raw(name + "_packed", device),
+            self.raw(name + "_scale", device),
+            self.raw(name + "_shape"),
+            self.raw(zero, device) if zero in self.infos else None,
+            self.packed_bits,
+            dtype,
+        )
+
     def load_prefix(
         self, prefix: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16
     ) -> dict[str, torch.Tensor]:
@@ -217,10 +240,12 @@ class CheckpointReader:
 
         Float32 tensors stay float32 (DeepSeek keeps the router's correction bias in float32)."""
         out: dict[str, torch.Tensor] = {}
-        for name in self.names(prefix):
-            if _is_fused(name) or (name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) in self.infos):
+        names = self.names(prefix) + sorted(n for n in self.packed if n.startswith(prefix))
+        for name in names:
+            packed_part = name not in self.packed and name.rsplit(".", 1)[0] + ".weight" in self.packed
+            if _is_fused(name) or _is_component(name, self.infos) or packed_part:
                 continue
-            stored = self.infos[name].dtype
+            stored = self.infos[name].dtype if name in self.infos else dtype
             want = torch.float32 if stored in (torch.float32, torch.float64) and dtype != torch.float64 else dtype
             out[name[len(prefix) :]] = self.weight(name, device, want)
         return out
@@ -275,6 +300,14 @@ def _index_tensors(model_dir: Path) -> dict[str, TensorInfo]:
             )
         infos[name] = info
     return infos
+
+
+def _is_component(name: str, infos: dict[str, TensorInfo]) -> bool:
+    """A block scale stored beside an FP8 weight (DeepSeek's or compressed-tensors' name)."""
+    for suffix in (SCALE_SUFFIX, CT_SCALE_SUFFIX):
+        if name.endswith(suffix) and name.removesuffix(suffix) in infos:
+            return infos[name.removesuffix(suffix)].dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    return False
 
 
 _FUSED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
