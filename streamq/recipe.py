@@ -1,0 +1,88 @@
+"""The recipe: everything that decides the bytes of a quantized checkpoint.
+
+It is validated once at the CLI edge, saved as OUT/streamq_recipe.json, and its hash guards resume: a rerun
+with a different recipe must not continue somebody else's half-written output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from streamq.data import DataConfig
+from streamq.errors import StreamqError
+from streamq.solvers.scheme import QuantScheme, SolverConfig
+
+Method = Literal["gptq", "rtn"]
+Scope = Literal["experts", "all"]
+CalibrationMode = Literal["routed", "all", "hybrid"]
+UnquantizedDtype = Literal["bf16", "fp8"]
+
+RECIPE_NAME = "streamq_recipe.json"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """``scope``: "experts" quantizes the routed experts only; "all" also the shared experts, the dense MLPs
+    and the attention projections. ``calibration``: "routed" feeds each expert's Hessian only the tokens the
+    router sends it; "all" feeds every token to every expert's Hessian; "hybrid" does that only for experts that
+    were routed fewer than ``min_tokens`` tokens. The block's output always follows the real top-k routing.
+    ``unquantized``: how Linears that are not quantized are written (bf16, or DeepSeek's FP8 blocks as shipped).
+    """
+
+    method: Method = "gptq"
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    scope: Scope = "experts"
+    calibration: CalibrationMode = "routed"
+    min_tokens: int = 256
+    tie_gate_up: bool = True
+    unquantized: UnquantizedDtype = "bf16"
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        _one_of("method", self.method, ("gptq", "rtn"))
+        _one_of("scope", self.scope, ("experts", "all"))
+        _one_of("calibration", self.calibration, ("routed", "all", "hybrid"))
+        _one_of("unquantized", self.unquantized, ("bf16", "fp8"))
+        _one_of("actorder", self.solver.actorder, ("none", "weight"))
+        _one_of("observer", self.solver.observer, ("minmax", "mse"))
+        if self.min_tokens < 0:
+            raise StreamqError(f"--min-tokens must be >= 0, not {self.min_tokens}")
+        if not 0 <= self.solver.damp < 1:
+            raise StreamqError(f"--damp must be in [0, 1), not {self.solver.damp}")
+
+    @property
+    def scheme(self) -> QuantScheme:
+        return self.solver.scheme
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        solver = dict(d["solver"])
+        solver["scheme"] = QuantScheme(**solver["scheme"])
+        return cls(**{**d, "solver": SolverConfig(**solver), "data": DataConfig(**d["data"])})
+
+    def digest(self) -> str:
+        """Stable across runs and machines: sorted JSON of every field."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def save(self, out_dir: Path) -> None:
+        (Path(out_dir) / RECIPE_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> Recipe:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise StreamqError(f"{path}: not a streamq recipe ({exc}); pass a file written by `streamq run`") from None
+
+
+def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise StreamqError(f"--{name.replace('_', '-')} {value!r} is not supported; choose one of {', '.join(allowed)}")

@@ -1,0 +1,189 @@
+"""Crash safety: the manifest of finished work in OUT, and resuming from it.
+
+Every output file appears atomically (written under a temporary name, fsynced, renamed). After each finished
+unit — the embedding/head shard, each block's shard with the activations for the next block, the final files —
+the manifest is rewritten atomically with the shard's size and SHA-256, the recipe's digest, and where the
+saved activations are. A rerun of the same command finds the first unfinished block and continues from the exact
+activations saved for it, so an interrupted run and an uninterrupted one write the same bytes. A rerun with a
+different recipe, or over a directory streamq did not write, is refused.
+
+The manifest holds no timings, so it is itself identical between interrupted and uninterrupted runs; per-block
+timings live in the work directory and end up in streamq_report.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from streamq.errors import StreamqError
+from streamq.io.activations import ActivationSpec
+from streamq.io.safetensors_write import fsync_dir
+from streamq.recipe import RECIPE_NAME, Recipe
+
+MANIFEST_NAME = "streamq_manifest.json"
+EVENTS_LOG = "streamq_events.jsonl"  # the progress log may be opened before the output is
+WORK_DIR = ".streamq"
+FORMAT = 1
+
+
+@dataclass
+class ShardRecord:
+    file: str
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    recipe: str  # the recipe's digest
+    model_config_sha256: str
+    total_shards: int
+    shards: dict[str, ShardRecord] = field(default_factory=dict)  # "head", "layer.N" -> shard
+    next_layer: int = 0  # first block not finished
+    activations: str | None = None  # work-dir file holding the input of ``next_layer``
+    activation_spec: ActivationSpec | None = None
+    complete: bool = False
+    format: int = FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        d: dict[str, Any] = json.loads(text)
+        d["shards"] = {k: ShardRecord(**v) for k, v in d["shards"].items()}
+        if d.get("activation_spec"):
+            d["activation_spec"] = ActivationSpec(**d["activation_spec"])
+        return cls(**d)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StreamqError(
+            f"{path}: cannot write ({exc.strerror}); free space or fix permissions, then rerun"
+        ) from None
+
+
+class OutputDir:
+    """OUT: the quantized checkpoint being written, its manifest and its work directory."""
+
+    def __init__(self, path: Path, manifest: Manifest) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+
+    @property
+    def work(self) -> Path:
+        return self.path / WORK_DIR
+
+    @classmethod
+    def open(cls, path: Path, recipe: Recipe, config_sha: str, total_shards: int) -> OutputDir:
+        """Start a new output, or pick up the one an interrupted run left, after checking it is ours."""
+        path = Path(path)
+        manifest_path = path / MANIFEST_NAME
+        if manifest_path.is_file():
+            out = cls(path, _read_manifest(manifest_path))
+            out._check_compatible(recipe, config_sha)
+            out._verify_last_shard()
+        elif path.exists() and any(p.name != EVENTS_LOG for p in path.iterdir()):
+            raise StreamqError(
+                f"{path}: exists, is not empty and has no {MANIFEST_NAME}; choose a new or empty OUT directory"
+            )
+        else:
+            out = cls(path, Manifest(recipe=recipe.digest(), model_config_sha256=config_sha, total_shards=total_shards))
+            path.mkdir(parents=True, exist_ok=True)
+            recipe.save(path)
+            out.save()
+        out.work.mkdir(exist_ok=True)
+        out._remove_partial_files()
+        return out
+
+    def _check_compatible(self, recipe: Recipe, config_sha: str) -> None:
+        if self.manifest.recipe != recipe.digest():
+            raise StreamqError(
+                f"{self.path}: holds a run with a different recipe (see {self.path / RECIPE_NAME}); rerun with the "
+                "same options to resume, or choose a new OUT directory"
+            )
+        if self.manifest.model_config_sha256 != config_sha:
+            raise StreamqError(
+                f"{self.path}: was written from a model with a different config.json; choose a new OUT directory"
+            )
+
+    def _verify_last_shard(self) -> None:
+        """Sizes of all finished shards, and the checksum of the newest (hashing hundreds of GB at every resume
+        would cost minutes; a crash can only have touched the newest)."""
+        records = list(self.manifest.shards.values())
+        for record in records:
+            shard = self.path / record.file
+            if not shard.is_file() or shard.stat().st_size != record.bytes:
+                raise StreamqError(f"{shard}: missing or changed since it was finished; delete OUT and start again")
+        if records and sha256_file(self.path / records[-1].file) != records[-1].sha256:
+            raise StreamqError(f"{self.path / records[-1].file}: checksum mismatch; delete OUT and start again")
+
+    def _remove_partial_files(self) -> None:
+        """Temporary files of a killed process: never complete, always safe to delete."""
+        for directory in (self.path, self.work):
+            for tmp in directory.glob(".*.tmp-*"):
+                tmp.unlink(missing_ok=True)
+
+    def save(self) -> None:
+        write_atomic(self.path / MANIFEST_NAME, self.manifest.to_json())
+
+    def record_shard(self, key: str, file: str) -> ShardRecord:
+        shard = self.path / file
+        record = ShardRecord(file, shard.stat().st_size, sha256_file(shard))
+        self.manifest.shards[key] = record
+        return record
+
+    def activation_path(self, layer: int) -> Path:
+        return self.work / f"activations-{layer:05d}.bin"
+
+    def timings_path(self, key: str) -> Path:
+        return self.work / f"report-{key}.json"
+
+
+def _read_manifest(path: Path) -> Manifest:
+    try:
+        manifest = Manifest.from_json(path.read_text())
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise StreamqError(f"{path}: unreadable manifest ({exc}); delete OUT and start again") from None
+    if manifest.format != FORMAT:
+        raise StreamqError(f"{path}: manifest format {manifest.format}, this streamq writes {FORMAT}; use a new OUT")
+    return manifest
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the crash-safety tests: ``STREAMQ_CRASH_AT=name:n`` kills this process with SIGKILL
+    the n-th time (1-based) execution reaches ``name``. Unset in normal use."""
+    spec = os.environ.get("STREAMQ_CRASH_AT")
+    if not spec or spec.split(":")[0] != name:
+        return
+    target = int(spec.split(":")[1]) if ":" in spec else 1
+    _CRASH_COUNTS[name] = _CRASH_COUNTS.get(name, 0) + 1
+    if _CRASH_COUNTS[name] == target:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_CRASH_COUNTS: dict[str, int] = {}
