@@ -61,6 +61,102 @@ def synth(
     typer.echo(f"wrote {out}")
 
 
+@app.command()
+def run(
+    model: Annotated[str, typer.Argument(help="Checkpoint directory or Hugging Face repo id (DeepSeek-V3 layout).")],
+    out: Annotated[Path, typer.Argument(help="Output directory; rerun the same command to resume.")],
+    recipe_file: Annotated[
+        Path | None, typer.Option("--recipe", help="A saved streamq_recipe.json; options below override it.")
+    ] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="builtin, open-thoughts, open-platypus, fineweb-edu, or a .txt/.jsonl/.parquet")
+    ] = None,
+    num_samples: Annotated[int | None, typer.Option(help="Calibration sequences.")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per calibration sequence.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling calibration text.")] = None,
+    chat_template: Annotated[str | None, typer.Option(help="auto, on or off (conversational data).")] = None,
+    method: Annotated[str | None, typer.Option(help="gptq or rtn.")] = None,
+    bits: Annotated[int | None, typer.Option(help="2, 3, 4 or 8.")] = None,
+    group_size: Annotated[int | None, typer.Option(help="32, 64, 128 ...; 0 = one scale per output channel.")] = None,
+    sym: Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric or asymmetric grid.")] = None,
+    act_order: Annotated[bool | None, typer.Option(help="Solve columns by decreasing Hessian diagonal.")] = None,
+    observer: Annotated[str | None, typer.Option(help="absmax or mse scale search.")] = None,
+    damp: Annotated[float | None, typer.Option(help="Damping, relative to the mean Hessian diagonal.")] = None,
+    scope: Annotated[
+        str | None, typer.Option(help="experts (routed experts) or all (+ shared, dense, attention).")
+    ] = None,
+    calibration: Annotated[str | None, typer.Option(help="routed, all or hybrid (see --min-tokens).")] = None,
+    min_tokens: Annotated[int | None, typer.Option(help="hybrid: experts routed fewer tokens get all tokens.")] = None,
+    tie_gate_up: Annotated[
+        bool | None, typer.Option(help="One Hessian for gate and up (same result, less work).")
+    ] = None,
+    unquantized: Annotated[
+        str | None, typer.Option(help="Unquantized Linears as bf16 or fp8 (FP8 blocks kept).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Compute dtype: bfloat16 or float32.")] = "bfloat16",
+    token_budget: Annotated[int, typer.Option(min=1, help="Tokens per forward micro-batch.")] = 32768,
+    hessian_budget_gb: Annotated[float | None, typer.Option(help="GB of expert Hessians per pass (auto).")] = None,
+    display: Annotated[str, typer.Option(help="auto, rich, plain or none.")] = "auto",
+) -> None:
+    """Quantize MODEL into OUT (compressed-tensors), one block at a time; resumable."""
+    from streamq.io.hub import resolve_model
+    from streamq.pipeline import RunOptions
+    from streamq.pipeline import run as run_pipeline
+    from streamq.recipe import Recipe
+    from streamq.tui import EVENTS_FILENAME, Reporter
+
+    base = Recipe.load(recipe_file) if recipe_file else Recipe()
+    recipe = build_recipe(
+        base,
+        data=dict(source=dataset, num_samples=num_samples, seq_len=seq_len, seed=seed, chat_template=chat_template),
+        scheme=dict(bits=bits, group_size=group_size, symmetric=sym),
+        solver=dict(
+            actorder=None if act_order is None else ("weight" if act_order else "none"),
+            observer={"absmax": "minmax"}.get(observer, observer) if observer else None,
+            damp=damp,
+        ),
+        top=dict(
+            method=method,
+            scope=scope,
+            calibration=calibration,
+            min_tokens=min_tokens,
+            tie_gate_up=tie_gate_up,
+            unquantized=unquantized,
+        ),
+    )
+    if dtype not in ("bfloat16", "float32"):
+        raise StreamqError(f"--dtype {dtype}: choose bfloat16 or float32")
+    if display not in ("auto", "rich", "plain", "none"):
+        raise StreamqError(f"--display {display}: choose auto, rich, plain or none")
+    options = RunOptions(
+        device=device,
+        dtype=dtype,
+        token_budget=token_budget,
+        hessian_budget=None if hessian_budget_gb is None else int(hessian_budget_gb * 2**30),
+    )
+    model_dir = resolve_model(model)
+    out.mkdir(parents=True, exist_ok=True)
+    with Reporter(out / EVENTS_FILENAME, display=display) as reporter:
+        run_pipeline(model_dir, out, recipe, options, reporter)
+    typer.echo(f"wrote {out}")
+
+
+def build_recipe(base, *, data: dict, scheme: dict, solver: dict, top: dict):
+    """``base`` with every option the user gave (not None) replaced."""
+    from dataclasses import replace
+
+    def given(d: dict) -> dict:
+        return {k: v for k, v in d.items() if v is not None}
+
+    try:
+        new_scheme = replace(base.solver.scheme, **given(scheme))
+        new_solver = replace(base.solver, scheme=new_scheme, **given(solver))
+        return replace(base, solver=new_solver, data=replace(base.data, **given(data)), **given(top))
+    except ValueError as exc:
+        raise StreamqError(f"invalid option: {exc}") from None
+
+
 def main() -> None:
     try:
         app()

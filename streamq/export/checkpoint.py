@@ -1,0 +1,140 @@
+"""The quantized checkpoint's files: one shard per block, the index, config.json and the side files.
+
+Shards are written tensor by tensor from the source checkpoint (only the packed weights of the block being
+written are held in memory), so writing never needs more RAM than one tensor plus one block's packed codes.
+Tensors are written in sorted name order so that the bytes depend only on the content.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from streamq.config import ModelConfig
+from streamq.export.compressed_tensors import quantization_config
+from streamq.io.safetensors_stream import INDEX_NAME, SCALE_SUFFIX, CheckpointReader, read_header
+from streamq.io.safetensors_write import TensorSpec, write_safetensors
+from streamq.recipe import Recipe
+from streamq.resume import write_atomic
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+Producer = Callable[[], torch.Tensor]
+
+
+def shard_name(index: int, total: int) -> str:
+    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+def plan_tensors(
+    reader: CheckpointReader,
+    names: Iterable[str],
+    packed: Mapping[str, Mapping[str, torch.Tensor]],
+    keep_fp8: bool,
+    dtype: torch.dtype = torch.bfloat16,
+) -> dict[str, tuple[TensorSpec, Producer]]:
+    """What to write for the source tensors ``names``: packed weights for quantized modules, FP8 weights kept
+    as shipped (``keep_fp8``) or dequantized to ``dtype``, everything else as stored."""
+    plan: dict[str, tuple[TensorSpec, Producer]] = {}
+    for name in names:
+        if name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) in reader:
+            continue
+        module = name.removesuffix(".weight")
+        info = reader.infos[name]
+        if module in packed:
+            for suffix, tensor in packed[module].items():
+                plan[f"{module}.{suffix}"] = (_spec(f"{module}.{suffix}", tensor), lambda t=tensor: t)
+        elif info.dtype in FP8_DTYPES and keep_fp8:
+            scale_info = reader.infos[name + SCALE_SUFFIX]
+            plan[name] = (TensorSpec(name, info.dtype, info.shape), lambda n=name: reader.raw(n))
+            scale_name = f"{module}.weight_scale"
+            plan[scale_name] = (
+                TensorSpec(scale_name, torch.float32, scale_info.shape),
+                lambda n=name + SCALE_SUFFIX: reader.raw(n).float(),
+            )
+        elif info.dtype in FP8_DTYPES:
+            plan[name] = (TensorSpec(name, dtype, info.shape), lambda n=name: reader.weight(n, "cpu", dtype))
+        else:
+            plan[name] = (TensorSpec(name, info.dtype, info.shape), lambda n=name: reader.raw(n))
+    return dict(sorted(plan.items()))
+
+
+def write_shard(path: Path, plan: Mapping[str, tuple[TensorSpec, Producer]], on_tensor: Callable[[], None]) -> None:
+    """``on_tensor`` runs after each tensor is produced (progress, fault injection)."""
+
+    def produce(spec: TensorSpec) -> list[torch.Tensor]:
+        tensor = plan[spec.name][1]()
+        on_tensor()
+        return [tensor]
+
+    write_safetensors(path, [spec for spec, _ in plan.values()], produce, {"format": "pt"})
+
+
+def _spec(name: str, tensor: torch.Tensor) -> TensorSpec:
+    return TensorSpec(name, tensor.dtype, tuple(tensor.shape))
+
+
+def write_index(out_dir: Path, shard_files: Iterable[str]) -> None:
+    weight_map: dict[str, str] = {}
+    total = 0
+    for file in sorted(shard_files):
+        for name, info in read_header(out_dir / file).items():
+            weight_map[name] = file
+            total += info.nbytes
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    write_atomic(out_dir / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+
+
+def ignore_list(cfg: ModelConfig, recipe: Recipe) -> list[str]:
+    """Modules a loader must not look for quantized tensors in: everything outside the quantized scope."""
+    ignore = ["lm_head", r"re:.*mlp\.gate$"]
+    if recipe.scope == "experts":
+        ignore += [r"re:.*self_attn\..*", r"re:.*mlp\.(shared_experts\.)?(gate|up|down)_proj$"]
+    mtp = range(cfg.num_hidden_layers, cfg.num_layers_with_mtp)
+    return ignore + [rf"re:.*layers\.{i}\..*" for i in mtp]
+
+
+def write_config(out_dir: Path, reader: CheckpointReader, recipe: Recipe) -> None:
+    """The source config with its FP8 quantization_config replaced by the compressed-tensors one."""
+    cfg = dict(reader.config.raw)
+    keep_fp8 = recipe.unquantized == "fp8" and reader.config.fp8_block is not None
+    fp8_targets = _fp8_targets(recipe) if keep_fp8 else None
+    cfg["quantization_config"] = quantization_config(
+        recipe.scheme,
+        recipe.solver,
+        ignore=ignore_list(reader.config, recipe) if not keep_fp8 else _fp8_ignore(reader.config),
+        fp8_targets=fp8_targets,
+        scope=recipe.scope,
+        fp8_block=reader.config.fp8_block or (128, 128),
+    )
+    cfg["torch_dtype"] = "bfloat16"
+    write_atomic(out_dir / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _fp8_targets(recipe: Recipe) -> list[str]:
+    from streamq.export.compressed_tensors import fp8_passthrough_targets
+
+    return fp8_passthrough_targets(recipe.scope)
+
+
+def _fp8_ignore(cfg: ModelConfig) -> list[str]:
+    mtp = range(cfg.num_hidden_layers, cfg.num_layers_with_mtp)
+    return ["lm_head", r"re:.*mlp\.gate$"] + [rf"re:.*layers\.{i}\..*" for i in mtp]
+
+
+def copy_side_files(model_dir: Path, out_dir: Path) -> None:
+    for name in SIDE_FILES:
+        if (Path(model_dir) / name).is_file():
+            shutil.copyfile(Path(model_dir) / name, out_dir / name)
