@@ -242,45 +242,60 @@ def _mlp_tensors(p: str, hidden: int, inter: int) -> list[_Tensor]:
 # -- values ----------------------------------------------------------------------------------------------------
 
 
+Slabs = Callable[["_Tensor"], Iterator[torch.Tensor]]
+
+
 class _Values:
-    """Produces each tensor's data in row slabs, from a generator seeded by the tensor's name."""
+    """Produces each tensor's stored data: float row slabs from ``slabs``, FP8-quantized for linear weights
+    (the scale tensor follows its weight, from the scales collected while the weight was written)."""
 
-    def __init__(self, seed: int, device: str) -> None:
-        self.seed, self.device = seed, torch.device(device)
+    def __init__(self, slabs: Slabs) -> None:
+        self.slabs = slabs
         self._pending_scales: dict[str, list[torch.Tensor]] = {}
-
-    def _gen(self, name: str) -> torch.Generator:
-        return torch.Generator(self.device).manual_seed(zlib.crc32(name.encode()) ^ (self.seed * 0x9E3779B1 % 2**31))
 
     def produce(self, tensor: _Tensor, spec: TensorSpec) -> Iterator[torch.Tensor]:
         if spec.name.endswith(SCALE_SUFFIX) and tensor.kind == "linear":
             yield torch.cat(self._pending_scales.pop(tensor.name))
             return
-        gen = self._gen(tensor.name)
-        if len(tensor.shape) == 1:
-            yield self._vector(tensor, gen)
-            return
-        rows, cols = tensor.shape
-        # Scaled so that activations stay O(1) through a block, as in a trained model.
-        std = 1.0 if tensor.kind == "embed" else cols**-0.5
         scales: list[torch.Tensor] = []
-        for start in range(0, rows, _SLAB_ROWS):
-            n = min(_SLAB_ROWS, rows - start)
-            slab = torch.randn(n, cols, generator=gen, device=self.device) * std
+        for slab in self.slabs(tensor):
             if tensor.kind == "linear":
                 q, scale = quantize_fp8_blocks(slab, FP8_BLOCK)
                 scales.append(scale.cpu())
                 yield q.cpu()
             else:
-                yield slab.to(torch.bfloat16).cpu()
+                yield slab.to(spec.dtype).cpu()
         if tensor.kind == "linear":
             self._pending_scales[tensor.name] = scales
 
-    def _vector(self, tensor: _Tensor, gen: torch.Generator) -> torch.Tensor:
-        noise = torch.randn(tensor.shape, generator=gen, device=self.device)
-        if tensor.kind == "bias":
-            return (0.05 * noise).float().cpu()
-        return (1.0 + 0.1 * noise).to(torch.bfloat16).cpu()
+
+def random_slabs(seed: int, device: str) -> Slabs:
+    """Values from a generator seeded by the tensor's name, scaled so that activations stay O(1)."""
+
+    def slabs(tensor: _Tensor) -> Iterator[torch.Tensor]:
+        gen = torch.Generator(device).manual_seed(zlib.crc32(tensor.name.encode()) ^ (seed * 0x9E3779B1 % 2**31))
+        if len(tensor.shape) == 1:
+            noise = torch.randn(tensor.shape, generator=gen, device=device)
+            yield 0.05 * noise if tensor.kind == "bias" else 1.0 + 0.1 * noise
+            return
+        rows, cols = tensor.shape
+        std = 1.0 if tensor.kind == "embed" else cols**-0.5
+        for start in range(0, rows, _SLAB_ROWS):
+            yield torch.randn(min(_SLAB_ROWS, rows - start), cols, generator=gen, device=device) * std
+
+    return slabs
+
+
+def state_slabs(state: dict[str, torch.Tensor]) -> Slabs:
+    """Values of given (e.g. trained) full-precision tensors."""
+
+    def slabs(tensor: _Tensor) -> Iterator[torch.Tensor]:
+        value = state[tensor.name].detach().float()
+        if tuple(value.shape) != tensor.shape:
+            raise ValueError(f"{tensor.name}: shape {tuple(value.shape)}, the config needs {tensor.shape}")
+        yield from value.split(_SLAB_ROWS) if value.dim() == 2 else [value]
+
+    return slabs
 
 
 # -- writing -----------------------------------------------------------------------------------------------------
@@ -290,16 +305,30 @@ def write_synthetic_checkpoint(
     out_dir: Path, opts: SynthOptions, progress: Callable[[str], None] | None = None
 ) -> Path:
     """Write config.json, shards, the index and (when given) the tokenizer files into ``out_dir``."""
+    cfg = synth_config(opts)
+    slabs = random_slabs(opts.seed, opts.device)
+    return write_release_checkpoint(out_dir, cfg, slabs, opts.shards, opts.tokenizer_dir, progress)
+
+
+def write_release_checkpoint(
+    out_dir: Path,
+    cfg: dict[str, object],
+    slabs: Slabs,
+    shards: int = 1,
+    tokenizer_dir: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """A checkpoint in DeepSeek's release layout for ``cfg``, with values from ``slabs`` (``random_slabs``, or
+    ``state_slabs`` of a trained model's tensors under the release's names)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = synth_config(opts)
     tensors = checkpoint_tensors(cfg)
-    shards = _split_into_shards(tensors, max(1, opts.shards))
-    values = _Values(opts.seed, opts.device)
+    shard_lists = _split_into_shards(tensors, max(1, shards))
+    values = _Values(slabs)
     weight_map: dict[str, str] = {}
     total = 0
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    for i, shard in enumerate(shard_lists):
+        file = f"model-{i + 1:05d}-of-{len(shard_lists):05d}.safetensors"
         owners = {spec.name: t for t in shard for spec in t.specs()}
         specs = list(owners_specs(shard))
         write_safetensors(out_dir / file, specs, lambda s, o=owners: values.produce(o[s.name], s), {"format": "pt"})
@@ -312,9 +341,9 @@ def write_synthetic_checkpoint(
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     generation = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "do_sample": True}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    if opts.tokenizer_dir is not None:
+    if tokenizer_dir is not None:
         for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copyfile(Path(opts.tokenizer_dir) / name, out_dir / name)
+            shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
     return out_dir
 
 
