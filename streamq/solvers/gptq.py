@@ -34,7 +34,7 @@ import torch
 
 from streamq.kernels.gptq_block import gptq_block
 from streamq.solvers import fallbacks as fb
-from streamq.solvers.hessian import DampingPolicy, FactorForm, prepare_hessians
+from streamq.solvers.hessian import DampingPolicy, FactorForm, PreparedHessians, prepare_hessians
 from streamq.solvers.observers import fit_qparams
 from streamq.solvers.rtn import make_result, static_qparams
 from streamq.solvers.scheme import QuantResult, SolverConfig
@@ -135,10 +135,25 @@ def _solve_chunk(
     w: torch.Tensor, h: torch.Tensor, cfg: SolverConfig, options: SolveOptions, use_triton: bool
 ) -> QuantResult:
     dtype = torch.float32 if use_triton else options.dtype
-    counter: Counter[str] = Counter()
-    w32 = fb.zero_nonfinite(w.to(dtype), counter)
     prep = prepare_hessians(h, cfg, options.form, options.damping, dtype)
-    counter.update(prep.fallbacks)
+    return gptq_solve_prepared(w, prep, cfg, options)
+
+
+def gptq_solve_prepared(
+    w: torch.Tensor, prep: PreparedHessians, cfg: SolverConfig, options: SolveOptions | None = None
+) -> QuantResult:
+    """Solve ``w`` ``[E, out, in]`` against Hessians already prepared by ``prepare_hessians`` with the same
+    ``cfg``: one factorisation can serve several weight matrices (gate and up, kept apart).
+
+    No chunking here: the caller holds the whole batch in memory.
+    """
+    options = options or SolveOptions()
+    use_triton = _use_triton(options.backend, w)
+    dtype = prep.feedback.dtype
+    if use_triton and dtype != torch.float32:
+        raise ValueError(f"the Triton sweep is float32 only; the Hessians were prepared in {dtype}")
+    counter: Counter[str] = Counter(prep.fallbacks)
+    w32 = fb.zero_nonfinite(w.to(dtype), counter)
     w32.masked_fill_(prep.dead.unsqueeze(1), 0.0)
 
     experts, out, n = w32.shape
@@ -167,7 +182,7 @@ def _solve_chunk(
         widths=panel_widths(cfg, options),
         cfg=cfg,
         dynamic_groups=dynamic,
-        babai=options.form == "cholesky",
+        babai=prep.form == "cholesky",
         use_triton=use_triton,
     )
     with _tf32_matmuls(options.tf32 and w.is_cuda):

@@ -44,6 +44,7 @@ class PreparedHessians:
     perm: torch.Tensor | None  # [E, n] int64, solving position -> input column; None when actorder is "none"
     dead: torch.Tensor  # [E, n] bool, input columns no token activated (natural order)
     use_rtn: torch.Tensor  # [E] bool, matrices solved as RTN (M = 0, perm = identity, nothing dead)
+    form: FactorForm
     fallbacks: Counter[str]
 
 
@@ -107,11 +108,12 @@ def prepare_hessians(
     identity = torch.arange(n, device=h.device)
     damp = cfg.damp * diag.mean(1)
 
-    feedback = torch.zeros(experts, n, n, dtype=dtype, device=h.device)
+    feedback = torch.empty(experts, n, n, dtype=dtype, device=h.device)
     skip = use_rtn.tolist()
     infos = []
     for k in range(experts):
         if skip[k]:
+            feedback[k] = 0
             infos.append(torch.zeros((), dtype=torch.int32, device=h.device))
             continue
         order = identity if perm is None else perm[k]
@@ -137,7 +139,7 @@ def prepare_hessians(
 
     if perm is not None:
         perm = torch.where(use_rtn.unsqueeze(1), identity, perm)
-    return PreparedHessians(feedback=feedback, perm=perm, dead=dead, use_rtn=use_rtn, fallbacks=counter)
+    return PreparedHessians(feedback=feedback, perm=perm, dead=dead, use_rtn=use_rtn, form=form, fallbacks=counter)
 
 
 def hessian_weighted_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
