@@ -43,6 +43,8 @@ from streamq.solvers import (
     prepare_hessians,
     rtn_quantize,
 )
+from streamq.solvers.cholesky import upper_cholesky_blocked_
+from streamq.solvers.hessian import FactorOptions, library_upper_cholesky
 from streamq.solvers.scheme import QuantScheme
 from streamq.solvers.synthetic import heavy_tailed_hessians, random_weights
 
@@ -158,26 +160,38 @@ def measure_ceilings(device: torch.device, size: int) -> dict[str, float]:
 
 
 def measure_cholesky(device: torch.device, n: int, batch: int, tokens: int) -> dict[str, float]:
-    """ms per matrix: torch's batched call (cuSOLVER potrfBatched for batch > 1) vs one call per matrix
-    (potrf), fp32 and fp64, and the triangular inverse the classic form adds."""
+    """ms per matrix and backward error ||R R^T - A|| / ||A|| of the upper factor: cuSOLVER one matrix per
+    call (fp32, fp64), torch's batched call (potrfBatched), and the blocked batched factorisation at each
+    Schur precision; plus the triangular inverse the classic form adds."""
     g = torch.Generator(device=device).manual_seed(1)
-    h = heavy_tailed_hessians(batch, n, tokens, g, device)
+    with matmul_precision("high"):
+        h = heavy_tailed_hessians(batch, n, tokens, g, device)
     h += 0.01 * h.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(n, device=device)
     h64 = h.double()
-    lower = torch.linalg.cholesky(h)
-    eye = torch.eye(n, device=device)
+
+    def residual(r: torch.Tensor) -> float:
+        r64 = r.double().triu()
+        return float(((r64 @ r64.mT - h64).norm() / h64.norm()).item())
+
+    row: dict[str, float] = {"n": n}
+    row["library_fp32_ms"] = time_ms(lambda: [library_upper_cholesky(m) for m in h], device, 3) / batch
+    row["library_fp32_residual"] = residual(torch.stack([library_upper_cholesky(m)[0] for m in h]))
+    row["library_fp64_ms"] = time_ms(lambda: [torch.linalg.cholesky_ex(m) for m in h64], device, 3) / batch
     # potrfBatched is meant for small matrices: at n = 7168 it risks minutes of device time for nothing.
     batched = time_ms(lambda: torch.linalg.cholesky_ex(h), device, 3) / batch if n <= 2048 else float("nan")
-    return {
-        "n": n,
-        "batched_fp32_ms": batched,
-        "looped_fp32_ms": time_ms(lambda: [torch.linalg.cholesky_ex(m) for m in h], device, 3) / batch,
-        "looped_fp64_ms": time_ms(lambda: [torch.linalg.cholesky_ex(m) for m in h64], device, 3) / batch,
-        "triangular_inverse_fp32_ms": time_ms(
-            lambda: [torch.linalg.solve_triangular(m, eye, upper=False) for m in lower], device, 3
+    row["potrf_batched_fp32_ms"] = batched
+    for precision in ("fp32", "tf32", "3xtf32"):
+        work = h.clone()
+        row[f"blocked_{precision}_ms"] = (
+            time_ms(lambda p=precision, a=work: upper_cholesky_blocked_(a.copy_(h), 512, p), device, 3) / batch
         )
-        / batch,
-    }
+        row[f"blocked_{precision}_residual"] = residual(work)
+    lower = torch.linalg.cholesky(h)
+    eye = torch.eye(n, device=device)
+    row["triangular_inverse_fp32_ms"] = (
+        time_ms(lambda: [torch.linalg.solve_triangular(m, eye, upper=False) for m in lower], device, 3) / batch
+    )
+    return row
 
 
 # ------------------------------------------------------------------------------------------- problems
@@ -262,11 +276,11 @@ def breakdown(shape: Shape, data: dict[str, torch.Tensor], options: SolveOptions
     prep_ms: list[float] = []
     solve_ms: list[float] = []
     with elapsed_ms(device, prep_ms):
-        prep = prepare_hessians(data["h"], CFG, options.form, options.damping)
+        prep = prepare_hessians(data["h"], CFG, options.factor)
     with elapsed_ms(device, solve_ms):
         gptq_solve_prepared(data["w"], prep, CFG, options)
     row = {"hessian_ms_per_matrix": prep_ms[0] / count, "columns_ms_per_matrix": solve_ms[0] / count}
-    hessian_kernels = profile_kernels(lambda: prepare_hessians(data["h"], CFG, options.form, options.damping), device)
+    hessian_kernels = profile_kernels(lambda: prepare_hessians(data["h"], CFG, options.factor), device)
     column_kernels = profile_kernels(lambda: gptq_solve_prepared(data["w"], prep, CFG, options), device)
     row["hessian_kernels_ms_per_matrix"] = {k: v / count for k, v in hessian_kernels.items()}
     row["column_kernels_ms_per_matrix"] = {k: v / count for k, v in column_kernels.items()}
@@ -301,11 +315,15 @@ def quality(
 
 
 VARIANTS: dict[str, tuple[SolveOptions, SolverConfig]] = {
-    "default (tf32, cholesky form, sweep 32, panels 1024/128/32)": (SolveOptions(), CFG),
+    "default": (SolveOptions(), CFG),
+    "Cholesky: cuSOLVER potrf per matrix": (SolveOptions(factor=FactorOptions(method="library")), CFG),
+    "Cholesky: blocked, TF32 Schur": (SolveOptions(factor=FactorOptions(precision="tf32")), CFG),
+    "Cholesky: blocked, fp32 Schur": (SolveOptions(factor=FactorOptions(precision="fp32")), CFG),
+    "Cholesky: blocked, block 256": (SolveOptions(factor=FactorOptions(block=256)), CFG),
+    "Cholesky: blocked, block 1024": (SolveOptions(factor=FactorOptions(block=1024)), CFG),
+    "classic inverse form (+ triangular inverse)": (SolveOptions(factor=FactorOptions(form="inverse")), CFG),
     "fp32 feedback matmuls (no tf32)": (SolveOptions(tf32=False), CFG),
-    "classic inverse form (+ triangular inverse)": (SolveOptions(form="inverse"), CFG),
     "sweep width 64": (SolveOptions(sweep_width=64), CFG),
-    "sweep width 128": (SolveOptions(sweep_width=128), CFG),
     "no outer panel (128/32)": (SolveOptions(outer_panel=0), CFG),
     "outer panel 2048": (SolveOptions(outer_panel=2048), CFG),
     "actorder=group (dynamic groups, g_idx)": (SolveOptions(), replace(CFG, actorder="group")),
@@ -319,9 +337,10 @@ def variants(
     rows = {}
     for name, (options, cfg) in VARIANTS.items():
         ms = time_ms(lambda o=options, c=cfg: gptq_quantize(w, h, c, o), device, plan.variant_repeats)
-        err = mean_error(w, gptq_quantize(w, h, cfg, options).weight, h)
-        rows[name] = {"ms_per_matrix": ms / w.shape[0], "error": err}
-        log(f"  variant {name}: {ms / w.shape[0]:.3f} ms/matrix, error {err:.5f}")
+        result = gptq_quantize(w, h, cfg, options)
+        err = mean_error(w, result.weight, h)
+        rows[name] = {"ms_per_matrix": ms / w.shape[0], "error": err, "fallbacks": result.fallbacks}
+        log(f"  variant {name}: {ms / w.shape[0]:.3f} ms/matrix, error {err:.5f}, fallbacks {result.fallbacks}")
     return rows
 
 
@@ -350,7 +369,7 @@ def floors(shape: Shape, ceilings: dict[str, float], chol: dict[str, float] | No
     row["floor_ms"] = max(row["cholesky_floor_ms"] + row["feedback_floor_ms_tf32"], row["memory_floor_ms"])
     row["tied_floor_ms"] = max(row["cholesky_floor_ms"] / 2 + row["feedback_floor_ms_tf32"], row["memory_floor_ms"])
     if chol:
-        row["cusolver_cholesky_ms"] = chol["looped_fp32_ms"]
+        row["cusolver_cholesky_ms"] = chol["library_fp32_ms"]
     return row
 
 
@@ -366,12 +385,15 @@ def table(results: dict) -> str:
         f"ceilings: copy {c['copy_GBps']:.0f} GB/s, fp32 matmul {c['fp32_matmul_TFLOPs']:.1f} TFLOP/s, "
         f"tf32 matmul {c['tf32_matmul_TFLOPs']:.1f} TFLOP/s"
     )
+    lines.append("")
+    lines.append("| Cholesky, n | ms/matrix | backward error |")
+    lines.append("|---|---|---|")
     for chol in results["cholesky"]:
-        lines.append(
-            "cholesky n={n}: batched fp32 {batched_fp32_ms:.3f} ms, looped fp32 {looped_fp32_ms:.3f} ms, "
-            "looped fp64 {looped_fp64_ms:.3f} ms, "
-            "triangular inverse {triangular_inverse_fp32_ms:.3f} ms (per matrix)".format(**chol)
-        )
+        for key in chol:
+            if key.endswith("_ms"):
+                name = key.removesuffix("_ms")
+                res = chol.get(name + "_residual")
+                lines.append(f"| {name}, {chol['n']} | {chol[key]:.3f} | {'' if res is None else f'{res:.1e}'} |")
     lines.append("")
     lines.append(
         "| shape | ms/matrix (1 H per matrix) | ms/matrix tied gate+up | MoE-Quant ms | speed-up | floor ms (tied) "
@@ -403,7 +425,8 @@ def table(results: dict) -> str:
     lines.append("|---|---|---|---|")
     for name, r in results["shapes"].items():
         for vname, v in r["variants"].items():
-            lines.append(f"| {name} | {vname} | {v['ms_per_matrix']:.3f} | {v['error']:.5f} |")
+            fallbacks = v["fallbacks"] or ""
+            lines.append(f"| {name} | {vname} | {v['ms_per_matrix']:.3f} | {v['error']:.5f} {fallbacks} |")
     return "\n".join(lines)
 
 

@@ -11,7 +11,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from streamq.solvers import SolveOptions, gptq_quantize, gptq_reference, hessian_weighted_error, rtn_quantize
+from streamq.solvers import (
+    FactorOptions,
+    SolveOptions,
+    gptq_quantize,
+    gptq_reference,
+    hessian_weighted_error,
+    rtn_quantize,
+)
 from streamq.solvers.observers import dequantize_weight
 from streamq.solvers.scheme import QuantResult, QuantScheme, SolverConfig
 from streamq.solvers.synthetic import random_problem
@@ -83,7 +90,7 @@ def test_same_algorithm_as_classic_gptq_in_float64(cfg: SolverConfig, form: str)
     absmax, that value sits exactly on a rounding tie (compressed-tensors' grid), decided by noise."""
     seed = random.randrange(2**31)
     w, h = random_problem(2, 16, 96, seed=seed)
-    ours = gptq_quantize(w, h, cfg, SolveOptions(dtype=torch.float64, form=form))
+    ours = gptq_quantize(w, h, cfg, SolveOptions(dtype=torch.float64, factor=FactorOptions(form=form)))
     ref = _stack([gptq_reference(w[e], h[e], cfg, dtype=torch.float64) for e in range(2)])
     rows_agree = (ours.q == ref.q).all(-1)
     if cfg.scheme.symmetric and cfg.actorder != "weight":
@@ -145,7 +152,7 @@ def test_output_types_and_shapes_follow_the_scheme() -> None:
 def test_triton_backend_matches_torch_backend(form: str) -> None:
     w, h = random_problem(2, 8, 64, seed=random.randrange(2**31), device="cuda" if torch.cuda.is_available() else "cpu")
     cfg = _cfg(gs=32, sym=False, actorder="group")
-    opts = {"form": form, "tf32": False}
+    opts = {"factor": FactorOptions(form=form), "tf32": False}
     tri = gptq_quantize(w, h, cfg, SolveOptions(backend="triton", **opts))
     ref = gptq_quantize(w, h, cfg, SolveOptions(backend="torch", **opts))
     assert (tri.q != ref.q).float().mean() <= 0.01

@@ -39,43 +39,53 @@ def _inputs(seed: int, experts: int, rows: int, cols: int, groups: int, asym: bo
 
 @pytest.mark.parametrize("babai", [True, False], ids=["cholesky-form", "inverse-form"])
 @pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
-@pytest.mark.parametrize(("rows", "cols", "block_r"), [(40, 24, 16), (17, 32, 32)])
+@pytest.mark.parametrize(("rows", "cols", "block_r"), [(40, 24, 32), (17, 32, 64)])
 def test_kernel_matches_reference(babai: bool, asym: bool, rows: int, cols: int, block_r: int) -> None:
     seed = random.randrange(2**31)
     x = _inputs(seed, experts=2, rows=rows, cols=cols, groups=3, asym=asym)
     outs = {}
     for name, sweep in (("ref", gptq_block_ref), ("triton", gptq_block_triton)):
-        orig = x["orig"].clone()
+        work, orig = x["work"].clone(), x["orig"].clone()
         codes = torch.full((2, rows, cols), POISON, dtype=torch.int8, device=DEVICE)
         kwargs = {"block_r": block_r} if name == "triton" else {}
-        sweep(x["work"], orig, x["m"], x["scale"], x["zero"], x["gidx"], codes, -8, 7, babai, **kwargs)
-        outs[name] = (codes, orig)
+        sweep(work, orig, x["m"], x["scale"], x["zero"], x["gidx"], codes, -8, 7, babai, **kwargs)
+        outs[name] = (codes, orig, work)
 
-    (codes_ref, d_ref), (codes_tri, d_tri) = outs["ref"], outs["triton"]
+    (codes_ref, d_ref, deq_ref), (codes_tri, d_tri, deq_tri) = outs["ref"], outs["triton"]
     assert codes_tri.min() >= -8 and codes_tri.max() <= 7, f"unwritten codes (seed {seed})"
     # Summation order differs (left- vs right-looking), so a code may flip on a near-tie; none should here.
     assert (codes_ref != codes_tri).float().mean() <= 1e-3, f"seed {seed}"
     same_rows = (codes_ref == codes_tri).all(-1, keepdim=True)
     torch.testing.assert_close(d_tri * same_rows, d_ref * same_rows, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+    # Both leave compressed-tensors' dequantized value (q - z) * s in ``work``, bit for bit.
+    g = x["gidx"].long().unsqueeze(1).expand(-1, rows, -1)
+    s = x["scale"].gather(2, g)
+    for codes, deq in ((codes_ref, deq_ref), (codes_tri, deq_tri)):
+        expected = codes.float() * s if x["zero"] is None else (codes.float() - x["zero"].gather(2, g)) * s
+        assert torch.equal(deq, expected), f"seed {seed}"
 
 
-def test_kernel_leaves_work_and_other_columns_alone() -> None:
+def test_kernel_writes_only_its_block() -> None:
     seed = random.randrange(2**31)
     x = _inputs(seed, experts=1, rows=8, cols=16, groups=1, asym=False)
     parent = x["work"]._base  # the wider buffer the block is a view of
     before = parent.clone()
     codes = torch.zeros(1, 8, 16, dtype=torch.int8, device=DEVICE)
     gptq_block_triton(x["work"], x["orig"].clone(), x["m"], x["scale"], None, x["gidx"], codes, -8, 7, True)
-    assert torch.equal(parent, before), f"seed {seed}"
+    outside = torch.ones_like(parent, dtype=torch.bool)
+    outside[:, :, 3:19] = False
+    assert torch.equal(parent[outside], before[outside]), f"seed {seed}"
+    assert not torch.equal(parent[~outside], before[~outside])
 
 
 def test_reference_sweep_is_rtn_without_feedback() -> None:
     """M = 0 leaves nothing to propagate: every column is rounded on its own, d = w - deq."""
     seed = random.randrange(2**31)
     x = _inputs(seed, experts=2, rows=12, cols=8, groups=1, asym=False)
-    orig = x["work"].clone()
+    work, orig = x["work"].clone(), x["work"].clone()
     codes = torch.empty(2, 12, 8, dtype=torch.int8, device=DEVICE)
-    gptq_block_ref(x["work"], orig, torch.zeros_like(x["m"]), x["scale"], None, x["gidx"], codes, -8, 7, True)
+    gptq_block_ref(work, orig, torch.zeros_like(x["m"]), x["scale"], None, x["gidx"], codes, -8, 7, True)
     expected = torch.clamp(torch.round(x["work"] / x["scale"]), -8, 7)
     assert torch.equal(codes.float(), expected), f"seed {seed}"
     torch.testing.assert_close(orig, x["work"] - expected * x["scale"])
+    assert torch.equal(work, expected * x["scale"])

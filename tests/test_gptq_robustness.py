@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from streamq.solvers import (
+    FactorOptions,
     SolveOptions,
     SolverConfig,
     gptq_quantize,
@@ -54,30 +55,33 @@ def test_dead_columns_are_zeroed_like_the_reference_and_not_fallbacks() -> None:
     assert torch.equal(exact.q, gptq_reference(w[0], h, cfg, dtype=torch.float64).q), f"seed {seed}"
 
 
-def test_unusable_hessians_fall_back_to_rtn_per_matrix_and_are_counted() -> None:
+@pytest.mark.parametrize("method", ["library", "blocked"])
+def test_unusable_hessians_fall_back_to_rtn_per_matrix_and_are_counted(method: str) -> None:
     seed = random.randrange(2**31)
     w, h = random_problem(5, 16, 64, seed=seed)
     h[0, 3, 5] = float("nan")
     h[1] = 0  # an expert no token was routed to
     h[2, 7, 7] = float("inf")
     h[3] = torch.eye(64) + 50 * (lambda s: s + s.T)(torch.randn(64, 64).triu(1))  # indefinite at any damping
-    r = gptq_quantize(w, h, CFG)
+    options = SolveOptions(factor=FactorOptions(method=method, block=16))
+    r = gptq_quantize(w, h, CFG, options)
     assert r.fallbacks == {fb.NONFINITE_HESSIAN: 2, fb.ZERO_HESSIAN: 1, fb.NOT_POSITIVE_DEFINITE: 1}, f"seed {seed}"
     _assert_finite(r)
     for e in range(4):
         _assert_is_rtn(r, e, w[e])
-    alone = gptq_quantize(w[4], h[4], CFG)  # the healthy expert is untouched by its neighbours
+    alone = gptq_quantize(w[4], h[4], CFG, options)  # the healthy expert is untouched by its neighbours
     for name in ("q", "scale", "zero_point", "g_idx", "weight"):
         assert torch.equal(getattr(r, name)[4], getattr(alone, name)), name
 
 
-def test_slightly_indefinite_hessian_is_rescued_by_more_damping() -> None:
+@pytest.mark.parametrize("method", ["library", "blocked"])
+def test_slightly_indefinite_hessian_is_rescued_by_more_damping(method: str) -> None:
     """A Hessian accumulated in low precision can lose definiteness by a little: 10x damping fixes it."""
     seed = random.randrange(2**31)
     w, h = random_problem(1, 16, 64, seed=seed, tokens=32)  # rank 32 < 64: singular
     mean_diag = h[0].diagonal().mean()
     h[0] -= 0.05 * mean_diag * torch.eye(64)  # smallest eigenvalue -0.05 mean(diag), beyond 0.01 damping
-    r = gptq_quantize(w[0], h[0], CFG)
+    r = gptq_quantize(w[0], h[0], CFG, SolveOptions(factor=FactorOptions(method=method, block=16)))
     assert r.fallbacks == {fb.EXTRA_DAMPING: 1}, f"seed {seed}"
     _assert_finite(r)
     assert not torch.equal(r.q, rtn_quantize(w[0], CFG).q)

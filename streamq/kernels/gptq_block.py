@@ -8,14 +8,18 @@ Both forms of GPTQ used by ``streamq.solvers.gptq`` reduce to one recurrence ove
 
 where ``M`` is the block's strictly upper feedback matrix, ``work`` the columns after every earlier block's
 feedback, ``orig`` the original (permuted) weights, and ``s_j``/``z_j`` the scale/zero of column j's group
-``gidx[j]``. Rows are independent, so a Triton program owns ``BLOCK_R`` rows of one matrix and walks the
-columns with its ``d`` tile in registers.
+``gidx[j]``. ``deq_j`` is computed with compressed-tensors' two roundings, so it *is* the exported weight.
 
 Calling convention (the same for the reference and the kernel; tensors are [E, ...] batches):
-    work  [E, R, C] float32, read only         orig  [E, R, C] float32, overwritten with d
-    m     [E, C, C] float32, strictly upper     scale [E, R, G] float32;  zero like scale, or None
-    gidx  [E, C] int32 (may be expanded)       codes [E, R, C] int8, written
+    work  [E, R, C] float32, overwritten with deq    orig  [E, R, C] float32, overwritten with d
+    m     [E, C, C] float32, strictly upper           scale [E, R, G] float32;  zero like scale, or None
+    gidx  [E, C] int32 (may be expanded)             codes [E, R, C] int8, written
 Views with a unit stride on the last dimension are fine; nothing is copied.
+
+Rows are independent, so a Triton program owns ``BLOCK_R`` rows of one matrix, one row per thread: each
+thread keeps its row's ``d`` and codes for the block in registers and walks the columns with no exchange
+between threads (a layout with threads along columns spent most of its time in warp shuffles and in
+recomputing every row's quantization on all 32 lanes; bench/gptq_notes.md).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ def gptq_block_ref(
         d = orig[..., j] - deq if babai else deq - v[..., j]
         v[..., j + 1 :] += d.unsqueeze(-1) * m[:, j, j + 1 :].unsqueeze(1)
         orig[..., j] = d
+        work[..., j] = deq
         codes[..., j] = q.to(codes.dtype)
 
 
@@ -78,15 +83,18 @@ def gptq_block_triton(
     if zero is not None and zero.stride() != scale.stride():
         raise ValueError("zero must have the same strides as scale")
     zero_arg = scale if zero is None else zero  # never read when HAS_ZERO is false
+    # The kernel reads column j of M (all i < j at once): transposed, that is one contiguous row.
+    m_t = m.transpose(1, 2).contiguous()
     grid = (triton.cdiv(rows, block_r), experts)
     _gptq_block_kernel[grid](
-        work, orig, m, scale, zero_arg, gidx, codes,
+        work, orig, m_t, scale, zero_arg, gidx, codes,
         rows, cols, float(qmin), float(qmax),
-        *work.stride(), *orig.stride(), *m.stride(), *scale.stride(), *gidx.stride(), *codes.stride(),
+        *work.stride(), *orig.stride(), *scale.stride(), *gidx.stride(), *codes.stride(),
         HAS_ZERO=zero is not None,
         BABAI=babai,
         BLOCK_R=block_r,
         BLOCK_C=max(16, triton.next_power_of_2(cols)),
+        num_warps=max(1, block_r // 32),
     )  # fmt: skip
 
 
@@ -118,13 +126,14 @@ if triton is not None:
         low_is_odd = low - 2.0 * tl.floor(0.5 * low)
         return tl.where(frac > 0.5, low + 1.0, tl.where(frac < 0.5, low, low + low_is_odd))
 
-    @triton.jit
+    # The column strides are not specialized to 1: told that columns are contiguous, Triton lays tiles out
+    # with threads along columns, which is the layout this kernel exists to avoid.
+    @triton.jit(do_not_specialize=["s_work_c", "s_orig_c", "s_codes_c"])
     def _gptq_block_kernel(
-        work_ptr, orig_ptr, m_ptr, scale_ptr, zero_ptr, gidx_ptr, codes_ptr,
+        work_ptr, orig_ptr, m_t_ptr, scale_ptr, zero_ptr, gidx_ptr, codes_ptr,
         n_rows, n_cols, qmin, qmax,
         s_work_e, s_work_r, s_work_c,
         s_orig_e, s_orig_r, s_orig_c,
-        s_m_e, s_m_i, s_m_j,
         s_scale_e, s_scale_r, s_scale_g,
         s_gidx_e, s_gidx_c,
         s_codes_e, s_codes_r, s_codes_c,
@@ -138,23 +147,24 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_C)
         row_ok = rows < n_rows
-        tile_ok = row_ok[:, None] & (cols[None, :] < n_cols)
+        tile_ok = (cols[:, None] < n_cols) & row_ok[None, :]
 
         work_rows = work_ptr + expert * s_work_e + rows * s_work_r
         orig_rows = orig_ptr + expert * s_orig_e + rows * s_orig_r
         scale_rows = scale_ptr + expert * s_scale_e + rows * s_scale_r
         zero_rows = zero_ptr + expert * s_scale_e + rows * s_scale_r
-        m_block = m_ptr + expert * s_m_e
+        m_t_block = m_t_ptr + expert * n_cols * n_cols
         gidx_row = gidx_ptr + expert * s_gidx_e
 
-        # The sweep is left-looking: column j's feedback is the dot of the finished columns' d with M[:, j],
-        # so only d and the codes stay in registers and nothing is written until the block is done.
-        feedback = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-        code_tile = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        # Tiles are [column, row]: the reductions over columns stay inside a thread. The sweep is
+        # left-looking: column j's feedback is the dot of the finished columns' d with M[:, j].
+        feedback = tl.zeros([BLOCK_C, BLOCK_R], dtype=tl.float32)
+        code_tile = tl.zeros([BLOCK_C, BLOCK_R], dtype=tl.float32)
         for j in range(n_cols):
-            m_col = tl.load(m_block + cols * s_m_i + j * s_m_j, mask=cols < j, other=0.0)
+            # M is strictly upper, so M[i, j] = 0 for i >= j: no mask on j, and the load vectorizes.
+            m_col = tl.load(m_t_block + j * n_cols + cols, mask=cols < n_cols, other=0.0)
             v = tl.load(work_rows + j * s_work_c, mask=row_ok, other=0.0)
-            v += tl.sum(feedback * m_col[None, :], axis=1)
+            v += tl.sum(feedback * m_col[:, None], axis=0)
             group = tl.load(gidx_row + j * s_gidx_c)
             s = tl.load(scale_rows + group * s_scale_g, mask=row_ok, other=1.0)
             if HAS_ZERO:
@@ -165,11 +175,12 @@ if triton is not None:
                 q = _round_half_even(tl.div_rn(v, s))
             q = tl.minimum(tl.maximum(q, qmin), qmax)
             deq = (q - z) * s
+            tl.store(work_rows + j * s_work_c, deq, mask=row_ok)
             d = tl.load(orig_rows + j * s_orig_c, mask=row_ok, other=0.0) - deq if BABAI else deq - v
-            hit = cols[None, :] == j
-            feedback = tl.where(hit, d[:, None], feedback)
-            code_tile = tl.where(hit, q[:, None], code_tile)
+            hit = cols[:, None] == j
+            feedback = tl.where(hit, d[None, :], feedback)
+            code_tile = tl.where(hit, q[None, :], code_tile)
 
-        tl.store(orig_rows[:, None] + cols[None, :] * s_orig_c, feedback, mask=tile_ok)
-        codes_tile_ptr = codes_ptr + expert * s_codes_e + rows[:, None] * s_codes_r + cols[None, :] * s_codes_c
+        tl.store(orig_rows[None, :] + cols[:, None] * s_orig_c, feedback, mask=tile_ok)
+        codes_tile_ptr = codes_ptr + expert * s_codes_e + rows[None, :] * s_codes_r + cols[:, None] * s_codes_c
         tl.store(codes_tile_ptr, code_tile.to(tl.int8), mask=tile_ok)

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,7 +32,8 @@ import torch
 
 from streamq.kernels.gptq_block import gptq_block
 from streamq.solvers import fallbacks as fb
-from streamq.solvers.hessian import DampingPolicy, FactorForm, PreparedHessians, prepare_hessians
+from streamq.solvers.cholesky import tf32_matmuls
+from streamq.solvers.hessian import FactorOptions, PreparedHessians, prepare_hessians
 from streamq.solvers.observers import fit_qparams
 from streamq.solvers.rtn import make_result, static_qparams
 from streamq.solvers.scheme import QuantResult, SolverConfig
@@ -47,17 +46,16 @@ _CUDA_FREE_MEMORY_SHARE = 0.5
 
 @dataclass(frozen=True)
 class SolveOptions:
-    """How to run the solver. None of these change the algorithm; ``tf32`` changes rounding in the
-    feedback matmuls, ``form`` and ``dtype`` change rounding everywhere."""
+    """How to run the solver. None of these change the algorithm; ``tf32``, ``factor.precision``,
+    ``factor.form`` and ``dtype`` change where it rounds."""
 
     memory_budget: int | None = None  # bytes of working memory for a chunk of experts; None = automatic
     tf32: bool = True  # TF32 tensor cores for the feedback matmuls (CUDA only)
     sweep_width: int = 32  # columns swept by one kernel launch
     outer_panel: int = 1024  # panel above cfg.block_size, so most feedback flops go to large matmuls; 0 = off
-    form: FactorForm = "cholesky"
     backend: Backend = "auto"  # auto: Triton for CUDA tensors, torch otherwise
     dtype: torch.dtype = torch.float32  # the torch backend's working precision (Triton is float32 only)
-    damping: DampingPolicy = field(default_factory=DampingPolicy)
+    factor: FactorOptions = field(default_factory=FactorOptions)
 
 
 @dataclass
@@ -135,7 +133,7 @@ def _solve_chunk(
     w: torch.Tensor, h: torch.Tensor, cfg: SolverConfig, options: SolveOptions, use_triton: bool
 ) -> QuantResult:
     dtype = torch.float32 if use_triton else options.dtype
-    prep = prepare_hessians(h, cfg, options.form, options.damping, dtype)
+    prep = prepare_hessians(h, cfg, options.factor, dtype)
     return gptq_solve_prepared(w, prep, cfg, options)
 
 
@@ -153,10 +151,11 @@ def gptq_solve_prepared(
     if use_triton and dtype != torch.float32:
         raise ValueError(f"the Triton sweep is float32 only; the Hessians were prepared in {dtype}")
     counter: Counter[str] = Counter(prep.fallbacks)
-    w32 = fb.zero_nonfinite(w.to(dtype), counter)
-    w32.masked_fill_(prep.dead.unsqueeze(1), 0.0)
+    w_in = fb.zero_nonfinite(w.to(dtype), counter)  # may still be the caller's tensor: only read below
+    if prep.dead.any():
+        w_in = w_in.masked_fill(prep.dead.unsqueeze(1), 0.0)
 
-    experts, out, n = w32.shape
+    experts, out, n = w_in.shape
     gs = cfg.scheme.group_size
     dynamic = dynamic_groups(cfg)
     if dynamic:
@@ -165,12 +164,12 @@ def gptq_solve_prepared(
         zero = None if cfg.scheme.symmetric else torch.empty_like(scale)
         gidx = _group_of_position(torch.arange(n, device=w.device), gs).expand(experts, n)
     else:
-        scale, zero = static_qparams(w32, cfg)
+        scale, zero = static_qparams(w_in, cfg)
         natural = torch.arange(n, device=w.device).expand(experts, n) if prep.perm is None else prep.perm
         gidx = _group_of_position(natural, gs)
 
-    orig = w32 if prep.perm is None else w32.gather(2, prep.perm.unsqueeze(1).expand(experts, out, n))
-    del w32
+    orig = w_in.clone() if prep.perm is None else w_in.gather(2, prep.perm.unsqueeze(1).expand(experts, out, n))
+    del w_in
     sweep = _Sweep(
         work=orig.clone(),
         orig=orig,
@@ -185,16 +184,18 @@ def gptq_solve_prepared(
         babai=prep.form == "cholesky",
         use_triton=use_triton,
     )
-    with _tf32_matmuls(options.tf32 and w.is_cuda):
+    with tf32_matmuls(options.tf32 and w.is_cuda):
         _solve_panel(sweep, 0, n, 0)
 
-    codes, g_idx = sweep.codes, None
+    # The sweep left the dequantized weight in ``work``, computed exactly as compressed-tensors would.
+    codes, weight, g_idx = sweep.codes, sweep.work, None
     if prep.perm is not None:
-        position = torch.argsort(prep.perm, dim=-1)
-        codes = codes.gather(2, position.unsqueeze(1).expand(experts, out, n))
+        position = torch.argsort(prep.perm, dim=-1).unsqueeze(1).expand(experts, out, n)
+        codes = codes.gather(2, position)
+        weight = weight.gather(2, position)
         if dynamic:
-            g_idx = _group_of_position(position, gs)
-    return make_result(codes, scale, zero, g_idx, cfg, w.dtype, counter)
+            g_idx = _group_of_position(position[:, 0], gs)
+    return make_result(codes, scale, zero, g_idx, cfg, w.dtype, counter, weight=weight)
 
 
 def _solve_panel(sweep: _Sweep, lo: int, hi: int, level: int) -> None:
@@ -287,17 +288,6 @@ def _memory_budget(options: SolveOptions, device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * _CUDA_FREE_MEMORY_SHARE)
     return _CPU_MEMORY_BUDGET
-
-
-@contextmanager
-def _tf32_matmuls(enabled: bool) -> Iterator[None]:
-    """TF32 for float32 matmuls inside the block only; the caller's setting is restored after."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if enabled else "highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def _round_up(x: int, multiple: int) -> int:

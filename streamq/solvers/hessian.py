@@ -17,15 +17,18 @@ with either factor:
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from streamq.solvers import fallbacks as fb
+from streamq.solvers.cholesky import SchurPrecision, upper_cholesky_blocked_
 from streamq.solvers.scheme import SolverConfig
 
 FactorForm = Literal["cholesky", "inverse"]
+CholeskyMethod = Literal["auto", "library", "blocked"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,20 @@ class DampingPolicy:
 
     retries: int = 3
     growth: float = 10.0
+
+
+@dataclass(frozen=True)
+class FactorOptions:
+    """How the Hessians are factored. ``method``: "library" is cuSOLVER/LAPACK one matrix at a time;
+    "blocked" is ``cholesky.upper_cholesky_blocked_`` batched over experts on tensor cores; "auto" picks
+    blocked on CUDA and the library on CPU. A matrix the blocked factorisation fails on is retried with the
+    library at the same damping before any extra damping."""
+
+    form: FactorForm = "cholesky"
+    method: CholeskyMethod = "auto"
+    precision: SchurPrecision = "3xtf32"
+    block: int = 512
+    damping: DampingPolicy = field(default_factory=DampingPolicy)
 
 
 @dataclass
@@ -55,37 +72,48 @@ def solving_order(diag: torch.Tensor, cfg: SolverConfig) -> torch.Tensor | None:
     return torch.argsort(diag, dim=-1, descending=True, stable=True)
 
 
-def feedback_from_cholesky(lower: torch.Tensor, form: FactorForm, out: torch.Tensor | None = None) -> torch.Tensor:
-    """M (strictly upper, solving order) from the lower Cholesky factor of the *reversed* damped Hessian.
-
-    ``out`` receives M when given (saves a copy of an n x n matrix per expert)."""
+def feedback_from_upper_(r: torch.Tensor, form: FactorForm) -> None:
+    """Turn R ``[..., n, n]`` (upper, H = R R^T, solving order; the strict lower triangle is ignored) into the
+    feedback matrix M in place."""
     if form == "cholesky":
-        r = lower.flip((-2, -1))
-        m = torch.div(r, r.diagonal(dim1=-2, dim2=-1).unsqueeze(-2), out=out)
+        diag = r.diagonal(dim1=-2, dim2=-1).clone()
+        r.triu_(1).div_(diag.unsqueeze(-2))
     elif form == "inverse":
-        eye = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device)
-        u = torch.linalg.solve_triangular(lower, eye, upper=False).flip((-2, -1))
-        m = torch.div(u, u.diagonal(dim1=-2, dim2=-1).unsqueeze(-1), out=out)
+        eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+        u = torch.linalg.solve_triangular(r.triu(), eye, upper=True)
+        diag = u.diagonal(dim1=-2, dim2=-1).clone()
+        torch.div(u.triu_(1), diag.unsqueeze(-1), out=r)
     else:
         raise ValueError(f"unknown factor form {form!r}")
-    m.diagonal(dim1=-2, dim2=-1).zero_()
-    return m
 
 
-def _reversed_damped(h: torch.Tensor, order: torch.Tensor, diag: torch.Tensor, damp: torch.Tensor) -> torch.Tensor:
-    """J P^T H P J with the diagonal replaced by ``diag + damp`` (``diag`` already has dead columns at 1)."""
-    rev = order.flip(0)
-    out = h[rev.unsqueeze(1), rev.unsqueeze(0)].to(diag.dtype)
-    out.diagonal().copy_(diag[rev] + damp)
+def library_upper_cholesky(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R upper with A = R R^T, info) for one matrix through cuSOLVER/LAPACK: Cholesky of the reversed
+    matrix, reversed back (J L J is upper when L is lower)."""
+    lower, info = torch.linalg.cholesky_ex(a.flip((-2, -1)))
+    return lower.flip((-2, -1)), info
+
+
+def _permuted_damped(h: torch.Tensor, order: torch.Tensor, diag: torch.Tensor, damp: torch.Tensor) -> torch.Tensor:
+    """P^T H P with the diagonal replaced by ``diag + damp`` (``diag`` already has dead columns at 1)."""
+    out = h[order.unsqueeze(1), order.unsqueeze(0)].to(diag.dtype)
+    out.diagonal().copy_(diag[order] + damp)
     return out
 
 
+def _retry_with_library(
+    damped: Callable[[float], torch.Tensor], first_attempt: int, policy: DampingPolicy
+) -> tuple[torch.Tensor, int] | None:
+    """(R, attempt) for the first damping ``growth**attempt`` times the configured one that factors."""
+    for attempt in range(first_attempt, policy.retries + 1):
+        r, info = library_upper_cholesky(damped(policy.growth**attempt))
+        if int(info) == 0:
+            return r, attempt
+    return None
+
+
 def prepare_hessians(
-    h: torch.Tensor,
-    cfg: SolverConfig,
-    form: FactorForm = "cholesky",
-    policy: DampingPolicy | None = None,
-    dtype: torch.dtype = torch.float32,
+    h: torch.Tensor, cfg: SolverConfig, factor: FactorOptions | None = None, dtype: torch.dtype = torch.float32
 ) -> PreparedHessians:
     """Validate, damp, order and factor a batch of Hessians ``[E, n, n]`` (the input is not modified).
 
@@ -93,7 +121,7 @@ def prepare_hessians(
     ``use_rtn``; dead columns (H_ii == 0) get H_ii = 1 and are reported in ``dead`` for the caller to zero
     in W, as the reference GPTQ does.
     """
-    policy = policy or DampingPolicy()
+    factor = factor or FactorOptions()
     experts, n, _ = h.shape
     counter: Counter[str] = Counter()
     diag = h.diagonal(dim1=-2, dim2=-1).to(dtype)
@@ -108,38 +136,44 @@ def prepare_hessians(
     identity = torch.arange(n, device=h.device)
     damp = cfg.damp * diag.mean(1)
 
-    feedback = torch.empty(experts, n, n, dtype=dtype, device=h.device)
-    skip = use_rtn.tolist()
-    infos = []
-    for k in range(experts):
-        if skip[k]:
-            feedback[k] = 0
-            infos.append(torch.zeros((), dtype=torch.int32, device=h.device))
-            continue
-        order = identity if perm is None else perm[k]
-        lower, info = torch.linalg.cholesky_ex(_reversed_damped(h[k], order, diag[k], damp[k]))
-        feedback_from_cholesky(lower, form, out=feedback[k])
-        infos.append(info)
-    failed = [k for k, info in enumerate(torch.stack(infos).tolist()) if info != 0]
+    def damped(k: int, scale: float = 1.0) -> torch.Tensor:
+        return _permuted_damped(h[k], identity if perm is None else perm[k], diag[k], damp[k] * scale)
 
-    for k in failed:
-        order = identity if perm is None else perm[k]
-        for attempt in range(1, policy.retries + 1):
-            more = damp[k] * policy.growth**attempt
-            lower, info = torch.linalg.cholesky_ex(_reversed_damped(h[k], order, diag[k], more))
-            if int(info) == 0:
-                feedback_from_cholesky(lower, form, out=feedback[k])
-                counter[fb.EXTRA_DAMPING] += 1
-                break
-        else:
+    # One buffer: the damped Hessians, then their factors R, then the feedback matrices.
+    work = torch.empty(experts, n, n, dtype=dtype, device=h.device)
+    rtn_list = use_rtn.tolist()
+    for k in range(experts):
+        work[k] = torch.eye(n, dtype=dtype, device=h.device) if rtn_list[k] else damped(k)
+    method = factor.method if factor.method != "auto" else ("blocked" if h.is_cuda else "library")
+    if method == "blocked":
+        ok = upper_cholesky_blocked_(work, factor.block, factor.precision)
+    elif method == "library":
+        ok = torch.ones(experts, dtype=torch.bool, device=h.device)
+        for k in range(experts):
+            r, info = library_upper_cholesky(work[k])
+            work[k] = r
+            ok[k] = info == 0
+    else:
+        raise ValueError(f"unknown Cholesky method {factor.method!r}")
+
+    # A blocked failure may be the TF32 rounding: the library gets the same damping first.
+    first_attempt = 0 if method == "blocked" else 1
+    for k in torch.nonzero(~ok).flatten().tolist():
+        retried = _retry_with_library(lambda scale, k=k: damped(k, scale), first_attempt, factor.damping)
+        if retried is None:
             counter[fb.NOT_POSITIVE_DEFINITE] += 1
             use_rtn[k] = True
             dead[k] = False
-            feedback[k] = 0
+            work[k] = torch.eye(n, dtype=dtype, device=h.device)
+            continue
+        work[k], attempt = retried
+        if attempt > 0:
+            counter[fb.EXTRA_DAMPING] += 1
 
+    feedback_from_upper_(work, factor.form)
     if perm is not None:
         perm = torch.where(use_rtn.unsqueeze(1), identity, perm)
-    return PreparedHessians(feedback=feedback, perm=perm, dead=dead, use_rtn=use_rtn, form=form, fallbacks=counter)
+    return PreparedHessians(feedback=work, perm=perm, dead=dead, use_rtn=use_rtn, form=factor.form, fallbacks=counter)
 
 
 def hessian_weighted_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

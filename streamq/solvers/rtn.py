@@ -24,15 +24,19 @@ def make_result(
     cfg: SolverConfig,
     dtype: torch.dtype,
     fallbacks: Counter[str],
+    weight: torch.Tensor | None = None,
 ) -> QuantResult:
-    """Package codes (any dtype holding integers) and float zero points into the exporter's types."""
-    weight = dequantize_weight(codes, scale, zero, cfg.scheme.group_size, g_idx).to(dtype)
+    """Package codes (any dtype holding integers) and float zero points into the exporter's types.
+
+    ``weight``, when given, must be the float32 dequantized codes already (a solver byproduct)."""
+    if weight is None:
+        weight = dequantize_weight(codes, scale, zero, cfg.scheme.group_size, g_idx)
     return QuantResult(
         q=codes.to(torch.int8),
         scale=scale.float(),
         zero_point=None if zero is None else zero.to(torch.int8),
         g_idx=None if g_idx is None else g_idx.to(torch.int32),
-        weight=weight,
+        weight=weight.to(dtype),
         fallbacks=dict(fallbacks),
     )
 
