@@ -12,7 +12,6 @@ from streamq.solvers.cholesky import split_tf32, upper_cholesky_blocked_
 from streamq.solvers.hessian import library_upper_cholesky
 from streamq.solvers.synthetic import heavy_tailed_hessians, random_problem
 
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU, "3xtf32" runs on real TF32 tensor cores
 
 
