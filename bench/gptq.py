@@ -315,17 +315,14 @@ def quality(
 
 
 VARIANTS: dict[str, tuple[SolveOptions, SolverConfig]] = {
-    "default": (SolveOptions(), CFG),
+    "default (TF32 blocked Cholesky, TF32 feedback, sweep 32 x 64 rows, panels 1024/128/32)": (SolveOptions(), CFG),
+    "Cholesky: blocked, 3xTF32 Schur (float32-accurate)": (SolveOptions(factor=FactorOptions(precision="3xtf32")), CFG),
+    "Cholesky: blocked, fp32 Schur (CUDA cores)": (SolveOptions(factor=FactorOptions(precision="fp32")), CFG),
     "Cholesky: cuSOLVER potrf per matrix": (SolveOptions(factor=FactorOptions(method="library")), CFG),
-    "Cholesky: blocked, TF32 Schur": (SolveOptions(factor=FactorOptions(precision="tf32")), CFG),
-    "Cholesky: blocked, fp32 Schur": (SolveOptions(factor=FactorOptions(precision="fp32")), CFG),
-    "Cholesky: blocked, block 256": (SolveOptions(factor=FactorOptions(block=256)), CFG),
-    "Cholesky: blocked, block 1024": (SolveOptions(factor=FactorOptions(block=1024)), CFG),
     "classic inverse form (+ triangular inverse)": (SolveOptions(factor=FactorOptions(form="inverse")), CFG),
-    "fp32 feedback matmuls (no tf32)": (SolveOptions(tf32=False), CFG),
-    "sweep width 64": (SolveOptions(sweep_width=64), CFG),
+    "fp32 feedback matmuls (no TF32)": (SolveOptions(tf32=False), CFG),
     "no outer panel (128/32)": (SolveOptions(outer_panel=0), CFG),
-    "outer panel 2048": (SolveOptions(outer_panel=2048), CFG),
+    "sweep 128 rows per program": (SolveOptions(sweep_rows=128), CFG),
     "actorder=group (dynamic groups, g_idx)": (SolveOptions(), replace(CFG, actorder="group")),
 }
 

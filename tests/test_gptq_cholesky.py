@@ -25,7 +25,9 @@ def test_split_tf32_is_exact_and_hi_fits_tf32() -> None:
     hi, lo = split_tf32(x)
     assert torch.equal(hi + lo, x)
     assert torch.all(hi.view(torch.int32) & 0x1FFF == 0), "hi has more than TF32's 10 fraction bits"
-    assert torch.all(lo.abs() <= hi.abs() * 2.0**-11)
+    assert torch.all(lo.abs() < x.abs() * 2.0**-10)
+    strided_hi, strided_lo = split_tf32(x.view(64, 64).mT)
+    assert torch.equal(strided_hi + strided_lo, x.view(64, 64).mT)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "3xtf32"])

@@ -110,10 +110,13 @@ def gptq_block(
     qmax: int,
     babai: bool,
     use_triton: bool,
+    block_r: int = DEFAULT_BLOCK_R,
 ) -> None:
-    """Dispatch to the kernel or the reference."""
-    sweep = gptq_block_triton if use_triton else gptq_block_ref
-    sweep(work, orig, m, scale, zero, gidx, codes, qmin, qmax, babai)
+    """Dispatch to the kernel (``block_r`` rows per program, one per thread) or the reference."""
+    if use_triton:
+        gptq_block_triton(work, orig, m, scale, zero, gidx, codes, qmin, qmax, babai, block_r)
+    else:
+        gptq_block_ref(work, orig, m, scale, zero, gidx, codes, qmin, qmax, babai)
 
 
 if triton is not None:

@@ -52,6 +52,7 @@ class SolveOptions:
     memory_budget: int | None = None  # bytes of working memory for a chunk of experts; None = automatic
     tf32: bool = True  # TF32 tensor cores for the feedback matmuls (CUDA only)
     sweep_width: int = 32  # columns swept by one kernel launch
+    sweep_rows: int = 64  # rows per Triton program (one per thread)
     outer_panel: int = 1024  # panel above cfg.block_size, so most feedback flops go to large matmuls; 0 = off
     backend: Backend = "auto"  # auto: Triton for CUDA tensors, torch otherwise
     dtype: torch.dtype = torch.float32  # the torch backend's working precision (Triton is float32 only)
@@ -74,6 +75,7 @@ class _Sweep:
     dynamic_groups: bool
     babai: bool
     use_triton: bool
+    rows_per_program: int
 
 
 def gptq_quantize(
@@ -183,6 +185,7 @@ def gptq_solve_prepared(
         dynamic_groups=dynamic,
         babai=prep.form == "cholesky",
         use_triton=use_triton,
+        rows_per_program=options.sweep_rows,
     )
     with tf32_matmuls(options.tf32 and w.is_cuda):
         _solve_panel(sweep, 0, n, 0)
@@ -232,6 +235,7 @@ def _solve_leaf(sweep: _Sweep, a: int, b: int) -> None:
         scheme.qmax,
         babai=sweep.babai,
         use_triton=sweep.use_triton,
+        block_r=sweep.rows_per_program,
     )
 
 

@@ -48,7 +48,7 @@ class FactorOptions:
 
     form: FactorForm = "cholesky"
     method: CholeskyMethod = "auto"
-    precision: SchurPrecision = "3xtf32"
+    precision: SchurPrecision = "tf32"
     block: int = 512
     damping: DampingPolicy = field(default_factory=DampingPolicy)
 
