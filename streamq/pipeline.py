@@ -8,6 +8,8 @@ updated after each block (see resume.py); host memory holds one block's packed w
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import shutil
@@ -58,6 +60,7 @@ from streamq.solvers.scheme import QuantResult
 from streamq.tui import Reporter
 
 REPORT_NAME = "streamq_report.json"
+ERROR_SAMPLE = 2  # matrices per solver call whose Hessian-weighted error is reported
 HEAD = "head"
 
 
@@ -69,7 +72,7 @@ class RunOptions:
     dtype: str = "bfloat16"  # compute and activation dtype
     token_budget: int = 32768  # tokens per forward micro-batch
     hessian_budget: int | None = None  # bytes of expert Hessians per calibration pass; None: automatic
-    solve_batch: int = 32  # experts stacked into one solver call
+    solve_batch: int | None = None  # experts stacked into one solver call; None: 16 on a GPU, 4 on the CPU
 
 
 @dataclass
@@ -223,7 +226,15 @@ def _quantize_block(
     output.save()
     old.unlink(missing_ok=True)
     crash_point("block-done")
+    release_host_memory()
     reporter.block_done(layer, rel_error=report.rel_error if report.rel_error is not None else float("nan"))
+
+
+def release_host_memory() -> None:
+    """Hand freed heap memory back to the OS: glibc keeps it otherwise, and a long run's RSS creeps upward."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name and hasattr(ctypes.CDLL(libc_name), "malloc_trim"):
+        ctypes.CDLL(libc_name).malloc_trim(0)
 
 
 def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -286,7 +297,9 @@ def _calibrate_and_solve(
         with _stage(report, "solve", reporter):
             _solve(block, dense_groups, hessians, set(), recipe, options, solved, report, reporter)
     sizes = _hessian_bytes(block) if moe is not None else (0, 0)
-    passes = plan_passes(n_experts, all_tokens, *sizes, _budget(options, device), bool(dense_groups) and not hybrid)
+    passes = plan_passes(
+        n_experts, all_tokens, *sizes, _budget(options, block, device), bool(dense_groups) and not hybrid
+    )
     for i, expert_pass in enumerate(passes):
         first = i == 0 and not hybrid
         with _stage(report, "calibrate", reporter):
@@ -334,13 +347,22 @@ def _hessian_bytes(block: Block) -> tuple[int, int]:
     return 4 * (hidden * hidden + inter * inter), 4 * inter * inter
 
 
-def _budget(options: RunOptions, device: torch.device) -> int:
+def _budget(options: RunOptions, block: Block, device: torch.device) -> int:
     if options.hessian_budget is not None:
         return options.hessian_budget
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.4)
-    return 8 << 30
+        return int(free * 0.3)
+    # On the CPU the Hessians are host memory: keep them within one block's bf16 size (routed experts' Hessians
+    # outweigh their weights 2.5 to 1 at DeepSeek-V3's shapes), at the cost of more passes.
+    return 2 * sum(p.numel() for p in block.parameters())
+
+
+def _solve_batch(options: RunOptions, block: Block) -> int:
+    if options.solve_batch is not None:
+        return options.solve_batch
+    # On the CPU the solver's workspace is host memory, which must stay about one block.
+    return 16 if next(block.parameters()).is_cuda else 4
 
 
 def _count_solved(solved: _Solved) -> int:
@@ -372,7 +394,7 @@ def _solve(
         shape = (*tuple(modules[m].weight.shape[0] for m in group.members), modules[group.members[0]].weight.shape[1])
         by_shape.setdefault((*shape, group.expert is None), []).append(group)
     for same in by_shape.values():
-        step = options.solve_batch if same[0].expert is not None else 1
+        step = _solve_batch(options, block) if same[0].expert is not None else 1
         for start in range(0, len(same), step):
             chunk = same[start : start + step]
             _solve_stack(modules, chunk, hessians, all_tokens, recipe, solved, report, reporter)
@@ -396,7 +418,9 @@ def _solve_stack(
         dim = weights.shape[-1]
         hs = torch.stack([expert_hessian(hessians, g, g.expert in all_tokens, dim, device)[0] for g in groups])
         result = gptq_quantize(weights, hs, recipe.solver)
-        solved.errors += hessian_weighted_error(weights, result.weight, hs).flatten().tolist()
+        # A sample of the stack: the exact error costs as much as the solve itself (out · in² flops in float64).
+        k = min(len(groups), ERROR_SAMPLE)
+        solved.errors += hessian_weighted_error(weights[:k], result.weight[:k], hs[:k]).flatten().tolist()
     crash_point("solve")
     for reason, n in result.fallbacks.items():
         if n:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 
@@ -37,6 +36,9 @@ def dequantize_packed(
 ) -> torch.Tensor:
     """w = (q - zero_point) · scale, with one scale column per input group, computed in the scale's dtype as
     compressed-tensors and vLLM do."""
+    # Imported here: reading an original checkpoint must not need compressed-tensors (nor its pydantic import).
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
     out_features, in_features = (int(d) for d in shape.tolist())
     q = unpack_from_int32(packed, bits, torch.Size((out_features, in_features)))
     group = in_features // scale.shape[1]

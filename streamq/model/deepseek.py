@@ -122,7 +122,10 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe.view(b, s, 1, rope_dim), cos, sin, cfg.rope.interleave)
         q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)
         k = torch.cat((k_nope, k_pe.expand(b, s, heads, rope_dim)), dim=-1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=cfg.softmax_scale)
+        # Values padded with zeros to the query/key head size: flash attention needs one head size, and without
+        # it SDPA may fall back to materialising [batch, heads, seq, seq] scores (34 GB at DeepSeek-V3 width).
+        v = F.pad(v, (0, max(0, cfg.qk_head_dim - cfg.v_head_dim))).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.softmax_scale)[..., : cfg.v_head_dim]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, heads * cfg.v_head_dim))
 
 
