@@ -48,7 +48,9 @@ def test_routed_pass_sees_exactly_the_routed_tokens(moe_block) -> None:
             xe = m[mine].float()
             torch.testing.assert_close(hessians.sums[f"mlp.experts.{e}.gate_up"], xe.t() @ xe, rtol=1e-4, atol=1e-4)
             down = expert_down_input(block.mlp.experts[e], m[mine]).float()
-            torch.testing.assert_close(hessians.sums[f"mlp.experts.{e}.down_proj"], down.t() @ down, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                hessians.sums[f"mlp.experts.{e}.down_proj"], down.t() @ down, rtol=1e-4, atol=1e-4
+            )
 
 
 def test_all_token_pass_feeds_every_expert_and_leaves_the_block_output_alone(moe_block) -> None:

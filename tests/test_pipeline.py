@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamq.calibrate import linear_groups
 from streamq.data import DataConfig
 from streamq.errors import StreamqError
 from streamq.pipeline import REPORT_NAME, RunOptions, run
@@ -118,7 +117,7 @@ def test_a_different_recipe_is_refused(tiny_checkpoint: Path, tmp_path: Path) ->
 
 def test_an_unrelated_directory_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
     (tmp_path / "precious.txt").write_text("keep me")
-    with pytest.raises(StreamqError, match="is not empty and has no streamq_manifest.json"):
+    with pytest.raises(StreamqError, match=r"is not empty and has no streamq_manifest\.json"):
         quantize(tiny_checkpoint, tmp_path, Recipe(data=DATA, method="rtn"))
 
 
