@@ -142,6 +142,42 @@ def run(
     typer.echo(f"wrote {out}")
 
 
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Argument(help="The original checkpoint (directory or Hugging Face repo id).")],
+    quantized: Annotated[str | None, typer.Argument(help="A quantized OUT to compare with MODEL.")] = None,
+    dataset: Annotated[
+        str, typer.Option(help="builtin, a hub dataset name, or a .txt/.jsonl/.parquet file")
+    ] = "builtin",
+    num_samples: Annotated[int, typer.Option(min=1, help="Evaluation sequences (from the held-out split).")] = 64,
+    seq_len: Annotated[int, typer.Option(min=2, help="Tokens per sequence.")] = 2048,
+    chat_template: Annotated[str, typer.Option(help="auto, on or off (conversational data).")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32.")] = "bfloat16",
+    token_budget: Annotated[int, typer.Option(min=1, help="Tokens per forward micro-batch.")] = 32768,
+    output: Annotated[Path | None, typer.Option(help="Write the result as JSON here.")] = None,
+    display: Annotated[str, typer.Option(help="auto, rich, plain or none.")] = "auto",
+) -> None:
+    """Perplexity of MODEL and, with QUANTIZED, KL divergence, top-1 agreement and per-layer error, block by block."""
+    from streamq.data import DataConfig
+    from streamq.evaluate import EvalOptions, evaluate
+    from streamq.io.hub import resolve_model
+    from streamq.tui import Reporter
+
+    data = DataConfig(
+        source=dataset, num_samples=num_samples, seq_len=seq_len, split="eval", chat_template=chat_template
+    )
+    options = EvalOptions(device=device, dtype=dtype, token_budget=token_budget)
+    model_dir = resolve_model(model)
+    quantized_dir = resolve_model(quantized) if quantized else None
+    events = output.with_suffix(".events.jsonl") if output else None
+    with Reporter(events, display=display) as reporter:
+        result = evaluate(model_dir, quantized_dir, data, options, reporter)
+    typer.echo(result.summary())
+    if output:
+        result.write_json(output)
+
+
 def build_recipe(base, *, data: dict, scheme: dict, solver: dict, top: dict):
     """``base`` with every option the user gave (not None) replaced."""
     from dataclasses import replace
