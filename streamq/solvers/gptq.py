@@ -10,7 +10,8 @@ result as two calls, for half the Cholesky work.
 
 How it runs (see ``hessian.py`` for the algebra):
 
-1. Each Hessian is validated, damped and factored once (one Cholesky of the reversed matrix).
+1. Each Hessian is validated, damped, reordered and factored once: H = R R^T with R upper, by a blocked
+   Cholesky batched over the experts on tensor cores (``cholesky.py``; cuSOLVER/LAPACK on CPU).
 2. Columns are solved in panels, recursively: a narrow leaf of ``sweep_width`` columns is swept by
    ``streamq.kernels.gptq_block`` (Triton on CUDA), and every finished panel passes its feedback to the
    rest of its parent panel with one batched matmul. The matmuls hold nearly all the flops; TF32 for them
@@ -33,7 +34,7 @@ import torch
 from streamq.kernels.gptq_block import gptq_block
 from streamq.solvers import fallbacks as fb
 from streamq.solvers.cholesky import tf32_matmuls
-from streamq.solvers.hessian import FactorOptions, PreparedHessians, prepare_hessians
+from streamq.solvers.hessian import FactorForm, FactorOptions, PreparedHessians, prepare_hessians
 from streamq.solvers.observers import fit_qparams
 from streamq.solvers.rtn import make_result, static_qparams
 from streamq.solvers.scheme import QuantResult, SolverConfig
@@ -93,7 +94,7 @@ def gptq_quantize(
     _check_inputs(w3, h3, cfg)
     use_triton = _use_triton(options.backend, w3)
     experts, out, n = w3.shape
-    step = experts_per_chunk(out, n, _memory_budget(options, w3.device))
+    step = experts_per_chunk(out, n, _memory_budget(options, w3.device), options.factor.form)
     result: QuantResult | None = None
     for lo in range(0, experts, step):
         part = _solve_chunk(w3[lo : lo + step], h3[lo : lo + step], cfg, options, use_triton)
@@ -102,10 +103,11 @@ def gptq_quantize(
     return result if batched else _unbatch(result)
 
 
-def experts_per_chunk(out: int, n: int, budget: int) -> int:
-    """How many experts one chunk holds: per expert the n x n feedback matrix and ~5 copies of W in
-    float32 (working, original, codes, dequantized), plus one expert's transient Hessian copies."""
-    per_expert = 4 * n * n + 20 * out * n
+def experts_per_chunk(out: int, n: int, budget: int, form: FactorForm = "cholesky") -> int:
+    """How many experts one chunk holds: per expert the n x n float32 factor, its finiteness mask and, for
+    the classic form, its inverse; ~5 float32 copies of W (working, original, codes, dequantized, output);
+    plus the transient copies of one Hessian and the Cholesky panels."""
+    per_expert = (9 if form == "inverse" else 5) * n * n + 20 * out * n
     transient = 16 * n * n
     return max(1, (budget - transient) // per_expert)
 
