@@ -431,7 +431,9 @@ def _solve_stack(
         for member in group.members:
             rows = modules[member].weight.shape[0]
             part = _select(result, i, row, row + rows)
-            solved.packed[member] = {k: v.cpu() for k, v in pack_linear(part, recipe.scheme, torch.float32).items()}
+            solved.packed[member] = {
+                k: v.cpu() for k, v in pack_linear(part, recipe.scheme, recipe.scheme.scale_torch_dtype).items()
+            }
             if group.expert is None:
                 # Attention and shared/dense MLP weights change every expert's input: they go in only after
                 # all expert Hessians are collected. An expert's own weights affect nothing else.

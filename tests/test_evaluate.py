@@ -103,7 +103,8 @@ def quantized_logits(quantized_out: Path, tokens: torch.Tensor) -> torch.Tensor:
         quantized_out, quantization_config=CompressedTensorsConfig(dequantize=True), dtype=torch.float32
     )
     model.config._attn_implementation = "eager"
-    return transformers_logits(model.eval(), tokens)
+    # transformers leaves decompressed experts in the scale dtype (bf16); compare in float32 throughout.
+    return transformers_logits(model.float().eval(), tokens)
 
 
 def direct_perplexity(logits: torch.Tensor, tokens: torch.Tensor) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -76,6 +77,8 @@ def test_activation_order_groups_dequantize_exactly_through_g_idx(symmetric: boo
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"w{s.bits}g{s.group_size}{'s' if s.symmetric else 'a'}")
 def test_our_minmax_scales_and_codes_are_compressed_tensors_own(scheme: QuantScheme) -> None:
     w, _ = random_problem(2, 8, 64, seed=random.randrange(2**31))
+    # compressed-tensors computes scales in the weight's dtype: float32 here, so compare float32 scales.
+    scheme = replace(scheme, scale_dtype="float32")
     cfg = SolverConfig(scheme=scheme)
     args = _args(scheme)
     groups = w.unsqueeze(-2) if scheme.group_size == 0 else w.unflatten(-1, (-1, scheme.group_size))
@@ -96,3 +99,17 @@ def test_compressed_tensors_requantizes_our_weight_to_our_codes(symmetric: bool)
     w, h = random_problem(1, 16, 64, seed=random.randrange(2**31))
     r = gptq_quantize(w[0], h[0], SolverConfig(scheme=scheme))
     assert torch.equal(quantize(r.weight, r.scale, r.zero_point, _args(scheme), dtype=torch.int8), r.q)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_scales_are_rounded_to_the_stored_dtype_before_codes_are_chosen(symmetric: bool) -> None:
+    w, _ = random_problem(1, 16, 64, seed=random.randrange(2**31))
+    exact = QuantScheme(bits=4, group_size=32, symmetric=symmetric, scale_dtype="float32")
+    stored = replace(exact, scale_dtype="bfloat16")
+    full, rounded = rtn_quantize(w[0], SolverConfig(scheme=exact)), rtn_quantize(w[0], SolverConfig(scheme=stored))
+    assert torch.equal(rounded.scale, rounded.scale.bfloat16().float())
+    if symmetric:
+        assert torch.equal(rounded.scale, full.scale.bfloat16().float())
+    # The codes are the ones for the rounded scale, so (q - z) * s in bf16 scales is the solved weight.
+    assert torch.equal(quantize(w[0], rounded.scale, rounded.zero_point, _args(stored), dtype=torch.int8), rounded.q)
+    assert torch.equal(_decompress(rounded, stored), rounded.weight)

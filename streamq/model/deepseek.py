@@ -12,7 +12,7 @@ tokens each expert gets.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -185,13 +185,31 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, indices = self.gate(x)
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for e in torch.bincount(indices.flatten(), minlength=len(self.experts)).nonzero().flatten().tolist():
+        slots = self.expert_slots(x, weights, indices, range(len(self.experts)))
+        return self.combine(x, slots).view(shape)
+
+    def expert_slots(
+        self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: Sequence[int]
+    ) -> torch.Tensor:
+        """Weighted outputs [tokens, top_k, hidden] (float32) of ``experts`` for the slots routed to them; the
+        other slots stay zero. With expert parallelism each rank fills its experts' slots, and since every slot
+        has exactly one owner, summing the ranks' buffers is exact."""
+        slots = torch.zeros((*indices.shape, x.shape[-1]), dtype=torch.float32, device=x.device)
+        for e in experts:
             tokens, slot = torch.where(indices == e)
-            out.index_add_(0, tokens, self.experts[e](x[tokens]).float() * weights[tokens, slot, None])
+            if tokens.numel():
+                slots[tokens, slot] = self.experts[e](x[tokens]).float() * weights[tokens, slot, None]
+        return slots
+
+    def combine(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Sum the slots in slot order, then the shared experts: a fixed order, so the result does not depend on
+        how tokens or experts were split across micro-batches or ranks."""
+        out = slots[:, 0].clone()
+        for k in range(1, slots.shape[1]):
+            out += slots[:, k]
         if self.shared_experts is not None:
             out += self.shared_experts(x).float()
-        return out.to(x.dtype).view(shape)
+        return out.to(x.dtype)
 
 
 class Block(nn.Module):

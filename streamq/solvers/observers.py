@@ -46,11 +46,15 @@ def range_qparams(lo: torch.Tensor, hi: torch.Tensor, scheme: QuantScheme) -> tu
     eps = torch.finfo(torch.float32).eps
     if scheme.symmetric:
         scale = torch.maximum(-lo, hi) / ((scheme.qmax - scheme.qmin) / 2)
-        return torch.where(scale == 0, eps, scale), None
-    scale = (hi - lo) / (scheme.qmax - scheme.qmin)
-    scale = torch.where(scale == 0, eps, scale)
+        return _stored(torch.where(scale == 0, eps, scale), scheme), None
+    scale = _stored(torch.where((hi - lo) == 0, eps, (hi - lo) / (scheme.qmax - scheme.qmin)), scheme)
     zero = torch.round(torch.clamp(scheme.qmin - lo / scale, scheme.qmin, scheme.qmax))
     return scale, zero
+
+
+def _stored(scale: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """The scale as the checkpoint will hold it (rounded to the scale dtype), kept in the working dtype."""
+    return scale.to(scheme.scale_torch_dtype).to(scale.dtype)
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme) -> torch.Tensor:

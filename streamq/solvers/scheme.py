@@ -22,12 +22,21 @@ class QuantScheme:
     bits: int = 4
     group_size: int = 128  # 0 means one scale per output channel
     symmetric: bool = True
+    # Scales are rounded to the dtype they are stored and served in (vLLM keeps them in the model's dtype) before
+    # any code is chosen, so the checkpoint reproduces the solved weight exactly.
+    scale_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 8):
             raise ValueError(f"bits must be 2, 3, 4 or 8, not {self.bits}")
         if self.group_size < 0:
             raise ValueError(f"group_size must be >= 0 (0 = per channel), not {self.group_size}")
+        if self.scale_dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"scale_dtype must be bfloat16, float16 or float32, not {self.scale_dtype}")
+
+    @property
+    def scale_torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.scale_dtype)
 
     @property
     def qmin(self) -> int:
