@@ -153,14 +153,25 @@ def plan_passes(
     return passes
 
 
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 @contextmanager
-def input_hooks(block: Block, groups: Sequence[LinearGroup], hessians: Hessians) -> Iterator[None]:
-    """Accumulate the input Hessian of each non-expert group on the fly (one hook on its first member)."""
+def input_hooks(
+    block: Block, groups: Sequence[LinearGroup], hessians: Hessians, gather: Gather = _identity, keep: bool = True
+) -> Iterator[None]:
+    """Accumulate the input Hessian of each non-expert group on the fly (one hook on its first member). With
+    several processes each sees a slice of the micro-batch: ``gather`` reassembles it (every rank must call it);
+    only the ranks with ``keep`` accumulate."""
     modules = dict(block.named_modules())
     handles = []
     for group in groups:
         if group.expert is None:
-            hook = _accumulate_into(hessians, group.key)
+            hook = _accumulate_into(hessians, group.key, gather, keep)
             handles.append(modules[group.members[0]].register_forward_pre_hook(hook))
     try:
         yield
@@ -169,9 +180,13 @@ def input_hooks(block: Block, groups: Sequence[LinearGroup], hessians: Hessians)
             handle.remove()
 
 
-def _accumulate_into(hessians: Hessians, key: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+def _accumulate_into(
+    hessians: Hessians, key: str, gather: Gather, keep: bool
+) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
     def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        hessians.add(key, args[0])
+        x = gather(args[0].reshape(-1, args[0].shape[-1]))
+        if keep:
+            hessians.add(key, x)
 
     return hook
 
@@ -226,27 +241,34 @@ def calibration_pass(
     counts: torch.Tensor | None,
     tie: bool,
     moe_input: bool,
+    gather: Gather = _identity,
+    keep_dense: bool = True,
 ) -> None:
     """One pass over the micro-batches ``batches`` ([n, seq, hidden] on the block's device): the expert Hessians
     of ``expert_pass``, the non-expert ones when it says so, routed-token ``counts`` and the MoE input Hessian
-    (``moe_input``) when asked. The block's weights and outputs are not touched."""
+    (``moe_input``) when asked. The block's weights and outputs are not touched.
+
+    With several processes, ``batches`` are this rank's slices and ``gather`` reassembles micro-batches in rank
+    order, so every rank accumulates exactly what one process would; ``keep_dense`` says whether this rank keeps
+    the non-expert Hessians (their solve happens on one rank)."""
     moe = block.mlp if isinstance(block.mlp, MoE) else None
     hooked = dense_groups if expert_pass.dense_hooks else []
     for x in batches:
-        with input_hooks(block, hooked, hessians):
-            m = mlp_input(block, x, cos, sin)
+        with input_hooks(block, hooked, hessians, gather, keep_dense):
+            local = mlp_input(block, x, cos, sin)
             if moe is None:
                 if hooked:
-                    block.mlp(m)
+                    block.mlp(local)
                 continue
-            indices, batch_counts = count_routes(moe, m)
-            if counts is not None:
-                counts += batch_counts
-            if moe_input:
-                hessians.add(MOE_INPUT, m)
             if hooked and moe.shared_experts is not None:
-                moe.shared_experts(m)
-            accumulate_experts(moe, m, indices, expert_pass, hessians, tie)
+                moe.shared_experts(local)
+        m = gather(local)
+        indices, batch_counts = count_routes(moe, m)
+        if counts is not None:
+            counts += batch_counts
+        if moe_input:
+            hessians.add(MOE_INPUT, m)
+        accumulate_experts(moe, m, indices, expert_pass, hessians, tie)
 
 
 def expert_hessian(hessians: Hessians, group: LinearGroup, all_tokens: bool, dim: int, device: torch.device):

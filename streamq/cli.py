@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -98,14 +100,21 @@ def run(
     token_budget: Annotated[int, typer.Option(min=1, help="Tokens per forward micro-batch.")] = 32768,
     hessian_budget_gb: Annotated[float | None, typer.Option(help="GB of expert Hessians per pass (auto).")] = None,
     display: Annotated[str, typer.Option(help="auto, rich, plain or none.")] = "auto",
+    gpus: Annotated[
+        int | None,
+        typer.Option(help="Processes on this machine (one per GPU; CPU processes with gloo when there is none)."),
+    ] = None,
 ) -> None:
     """Quantize MODEL into OUT (compressed-tensors), one block at a time; resumable."""
+    from streamq import distributed
     from streamq.io.hub import resolve_model
     from streamq.pipeline import RunOptions
     from streamq.pipeline import run as run_pipeline
     from streamq.recipe import Recipe
     from streamq.tui import EVENTS_FILENAME, Reporter
 
+    if gpus is not None and gpus > 1 and "WORLD_SIZE" not in os.environ:
+        sys.exit(distributed.launch(gpus, _without_option(sys.argv[1:], "--gpus")))
     base = Recipe.load(recipe_file) if recipe_file else Recipe()
     recipe = build_recipe(
         base,
@@ -135,11 +144,32 @@ def run(
         token_budget=token_budget,
         hessian_budget=None if hessian_budget_gb is None else int(hessian_budget_gb * 2**30),
     )
+    dist, rank_device = distributed.from_environment(device)
+    options = replace(options, device=rank_device)
     model_dir = resolve_model(model)
     out.mkdir(parents=True, exist_ok=True)
-    with Reporter(out / EVENTS_FILENAME, display=display) as reporter:
-        run_pipeline(model_dir, out, recipe, options, reporter)
-    typer.echo(f"wrote {out}")
+    # Only rank 0 shows progress and keeps the event log; it reports every rank's experts.
+    events, shown = (out / EVENTS_FILENAME, display) if dist.main else (None, "none")
+    try:
+        with Reporter(events, display=shown, rank=dist.rank) as reporter:
+            run_pipeline(model_dir, out, recipe, options, reporter, dist)
+    finally:
+        distributed.shutdown()
+    if dist.main:
+        typer.echo(f"wrote {out}")
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` less ``option`` and its value (``--opt V`` or ``--opt=V``)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
 
 
 @app.command("eval")
@@ -180,7 +210,6 @@ def eval_(
 
 def build_recipe(base, *, data: dict, scheme: dict, solver: dict, top: dict):
     """``base`` with every option the user gave (not None) replaced."""
-    from dataclasses import replace
 
     def given(d: dict) -> dict:
         return {k: v for k, v in d.items() if v is not None}

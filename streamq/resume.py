@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streamq.distributed import SINGLE, Dist
 from streamq.errors import StreamqError
 from streamq.io.activations import ActivationSpec
 from streamq.io.safetensors_write import fsync_dir
@@ -47,7 +48,9 @@ class Manifest:
     shards: dict[str, ShardRecord] = field(default_factory=dict)  # "head", "layer.N" -> shard
     next_layer: int = 0  # first block not finished
     activations: str | None = None  # work-dir file holding the input of ``next_layer``
-    activation_spec: ActivationSpec | None = None
+    activation_spec: ActivationSpec | None = None  # the whole set; each rank holds its share
+    batch_samples: int | None = None  # sequences per global micro-batch, fixed for the run (see pipeline)
+    ranks: int | None = None  # processes the saved activations are split across, while the run is unfinished
     complete: bool = False
     format: int = FORMAT
 
@@ -99,28 +102,48 @@ class OutputDir:
         return self.path / WORK_DIR
 
     @classmethod
-    def open(cls, path: Path, recipe: Recipe, config_sha: str, total_shards: int) -> OutputDir:
+    def open(cls, path: Path, recipe: Recipe, config_sha: str, total_shards: int, ranks: int = 1) -> OutputDir:
         """Start a new output, or pick up the one an interrupted run left, after checking it is ours."""
         path = Path(path)
         manifest_path = path / MANIFEST_NAME
         if manifest_path.is_file():
             out = cls(path, _read_manifest(manifest_path))
-            out._check_compatible(recipe, config_sha)
+            out._check_compatible(recipe, config_sha, ranks)
             out._verify_last_shard()
         elif path.exists() and any(p.name != EVENTS_LOG for p in path.iterdir()):
             raise StreamqError(
                 f"{path}: exists, is not empty and has no {MANIFEST_NAME}; choose a new or empty OUT directory"
             )
         else:
-            out = cls(path, Manifest(recipe=recipe.digest(), model_config_sha256=config_sha, total_shards=total_shards))
+            manifest = Manifest(recipe=recipe.digest(), model_config_sha256=config_sha, total_shards=total_shards)
+            out = cls(path, manifest)
             path.mkdir(parents=True, exist_ok=True)
             recipe.save(path)
-            out.save()
+        if not out.manifest.complete:
+            out.manifest.ranks = ranks
+        out.save()
         out.work.mkdir(exist_ok=True)
         out._remove_partial_files()
         return out
 
-    def _check_compatible(self, recipe: Recipe, config_sha: str) -> None:
+    @classmethod
+    def attach(cls, path: Path, ranks: int) -> OutputDir:
+        """The output rank 0 has opened (the other ranks of a multi-process run)."""
+        out = cls(Path(path), _read_manifest(Path(path) / MANIFEST_NAME))
+        if out.manifest.ranks not in (None, ranks):
+            raise StreamqError(f"{path}: manifest is for {out.manifest.ranks} processes, this run has {ranks}")
+        return out
+
+    def reload(self) -> None:
+        self.manifest = _read_manifest(self.path / MANIFEST_NAME)
+
+    def _check_compatible(self, recipe: Recipe, config_sha: str, ranks: int) -> None:
+        saved = self.manifest.ranks
+        if not self.manifest.complete and self.manifest.activations and saved not in (None, ranks):
+            raise StreamqError(
+                f"{self.path}: the saved activations are split across {saved} processes; resume with --gpus {saved} "
+                "(or the same torchrun --nproc-per-node)"
+            )
         if self.manifest.recipe != recipe.digest():
             raise StreamqError(
                 f"{self.path}: holds a run with a different recipe (see {self.path / RECIPE_NAME}); rerun with the "
@@ -157,8 +180,10 @@ class OutputDir:
         self.manifest.shards[key] = record
         return record
 
-    def activation_path(self, layer: int) -> Path:
-        return self.work / f"activations-{layer:05d}.bin"
+    def activation_path(self, layer: int, dist: Dist = SINGLE) -> Path:
+        """This rank's share of the activations entering ``layer`` (the whole set with one process)."""
+        suffix = "" if dist.world == 1 else f".rank{dist.rank}-of-{dist.world}"
+        return self.work / f"activations-{layer:05d}{suffix}.bin"
 
     def timings_path(self, key: str) -> Path:
         return self.work / f"report-{key}.json"
@@ -176,9 +201,13 @@ def _read_manifest(path: Path) -> Manifest:
 
 def crash_point(name: str) -> None:
     """Fault injection for the crash-safety tests: ``STREAMQ_CRASH_AT=name:n`` kills this process with SIGKILL
-    the n-th time (1-based) execution reaches ``name``. Unset in normal use."""
+    the n-th time (1-based) execution reaches ``name``; ``name:n@r`` only the process of rank r. Unset in normal
+    use."""
     spec = os.environ.get("STREAMQ_CRASH_AT")
     if not spec or spec.split(":")[0] != name:
+        return
+    spec, _, rank = spec.partition("@")
+    if rank and rank != os.environ.get("RANK", "0"):
         return
     target = int(spec.split(":")[1]) if ":" in spec else 1
     _CRASH_COUNTS[name] = _CRASH_COUNTS.get(name, 0) + 1

@@ -22,6 +22,7 @@ from streamq.export.compressed_tensors import (
     int_targets,
     mtp_ignore,
     pack_linear,
+    packed_layout,
     quantization_config,
     unbatch,
     with_prefix,
@@ -468,3 +469,15 @@ def test_transformers_default_load_keeps_fp8_modules_compressed(tmp_path: Path) 
     # Scales become bf16 parameters on this path, so FP8 weights match DeepSeek's fp32 product to bf16 precision.
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name].float(), value, rtol=2**-7, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize(("shape", "group_size"), [((24, 96), 32), ((7, 40), 0)])
+def test_packed_layout_predicts_what_pack_linear_writes(
+    bits: int, symmetric: bool, shape: tuple, group_size: int
+) -> None:
+    scheme = QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric)
+    tensors = pack_linear(rtn(random_weight(*shape, seed=bits), scheme), scheme)
+    layout = packed_layout(*shape, scheme)
+    assert {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()} == layout

@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from streamq.config import ModelConfig
+from streamq.distributed import SINGLE, Dist
 from streamq.export.compressed_tensors import quantization_config
 from streamq.io.safetensors_stream import INDEX_NAME, SCALE_SUFFIX, CheckpointReader, read_header
-from streamq.io.safetensors_write import TensorSpec, write_safetensors
+from streamq.io.safetensors_write import TensorSpec, write_safetensors_together
 from streamq.recipe import Recipe
 from streamq.resume import write_atomic
 
@@ -41,21 +42,24 @@ def shard_name(index: int, total: int) -> str:
 def plan_tensors(
     reader: CheckpointReader,
     names: Iterable[str],
+    quantized: Mapping[str, Mapping[str, tuple[torch.dtype, tuple[int, ...]]]],
     packed: Mapping[str, Mapping[str, torch.Tensor]],
     keep_fp8: bool,
     dtype: torch.dtype = torch.bfloat16,
 ) -> dict[str, tuple[TensorSpec, Producer]]:
-    """What to write for the source tensors ``names``: packed weights for quantized modules, FP8 weights kept
-    as shipped (``keep_fp8``) or dequantized to ``dtype``, everything else as stored."""
+    """What to write for the source tensors ``names``: for the ``quantized`` modules (their packed layout) the
+    tensors in ``packed`` (with several processes, only this rank's modules are there), FP8 weights kept as
+    shipped (``keep_fp8``) or dequantized to ``dtype``, everything else as stored."""
     plan: dict[str, tuple[TensorSpec, Producer]] = {}
     for name in names:
         if name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) in reader:
             continue
         module = name.removesuffix(".weight")
         info = reader.infos[name]
-        if module in packed:
-            for suffix, tensor in packed[module].items():
-                plan[f"{module}.{suffix}"] = (_spec(f"{module}.{suffix}", tensor), lambda t=tensor: t)
+        if module in quantized:
+            for suffix, (tensor_dtype, shape) in quantized[module].items():
+                full = f"{module}.{suffix}"
+                plan[full] = (TensorSpec(full, tensor_dtype, shape), lambda m=module, x=suffix: packed[m][x])
         elif info.dtype in FP8_DTYPES and keep_fp8:
             scale_info = reader.infos[name + SCALE_SUFFIX]
             plan[name] = (TensorSpec(name, info.dtype, info.shape), lambda n=name: reader.raw(n))
@@ -71,19 +75,26 @@ def plan_tensors(
     return dict(sorted(plan.items()))
 
 
-def write_shard(path: Path, plan: Mapping[str, tuple[TensorSpec, Producer]], on_tensor: Callable[[], None]) -> None:
-    """``on_tensor`` runs after each tensor is produced (progress, fault injection)."""
+def write_shard(
+    path: Path,
+    plan: Mapping[str, tuple[TensorSpec, Producer]],
+    on_tensor: Callable[[], None],
+    dist: Dist = SINGLE,
+    owner: Callable[[str], int] = lambda _name: 0,
+) -> None:
+    """Write ``plan``; with several processes each writes the tensors ``owner`` assigns it. ``on_tensor`` runs
+    after each tensor is produced (progress, fault injection)."""
 
     def produce(spec: TensorSpec) -> list[torch.Tensor]:
         tensor = plan[spec.name][1]()
         on_tensor()
         return [tensor]
 
-    write_safetensors(path, [spec for spec, _ in plan.values()], produce, {"format": "pt"})
+    def owns(spec: TensorSpec) -> bool:
+        return owner(spec.name) == dist.rank
 
-
-def _spec(name: str, tensor: torch.Tensor) -> TensorSpec:
-    return TensorSpec(name, tensor.dtype, tuple(tensor.shape))
+    specs = [spec for spec, _ in plan.values()]
+    write_safetensors_together(path, specs, produce, owns, dist, {"format": "pt"})
 
 
 def write_index(out_dir: Path, shard_files: Iterable[str]) -> None:

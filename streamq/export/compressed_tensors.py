@@ -137,6 +137,23 @@ def pack_linear(
     return tensors
 
 
+def packed_layout(
+    out_features: int, in_features: int, scheme: QuantScheme, scale_dtype: torch.dtype = torch.bfloat16
+) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Dtype and shape of each tensor ``pack_linear`` writes for an [out, in] Linear, without any data: a shard's
+    header can be laid out before (or by another process than) the one that solves the weights."""
+    words = -(-in_features * scheme.bits // 32)
+    groups = scheme.num_groups(in_features)
+    layout = {
+        "weight_packed": (torch.int32, (out_features, words)),
+        "weight_scale": (scale_dtype, (out_features, groups)),
+        "weight_shape": (torch.int64, (2,)),
+    }
+    if not scheme.symmetric:
+        layout["weight_zero_point"] = (torch.int32, (-(-out_features * scheme.bits // 32), groups))
+    return layout
+
+
 def fp8_block_linear(
     weight_fp8: torch.Tensor, weight_scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)
 ) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ import json
 import math
 import mmap
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -234,16 +234,21 @@ class CheckpointReader:
         )
 
     def load_prefix(
-        self, prefix: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16
+        self,
+        prefix: str,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+        keep: Callable[[str], bool] = lambda _name: True,
     ) -> dict[str, torch.Tensor]:
-        """All tensors under ``prefix`` (prefix stripped), FP8 weights dequantized and their scales dropped.
+        """All tensors under ``prefix`` (prefix stripped) that ``keep`` accepts (by stripped name), FP8 weights
+        dequantized and their scales dropped.
 
         Float32 tensors stay float32 (DeepSeek keeps the router's correction bias in float32)."""
         out: dict[str, torch.Tensor] = {}
         names = self.names(prefix) + sorted(n for n in self.packed if n.startswith(prefix))
         for name in names:
             packed_part = name not in self.packed and name.rsplit(".", 1)[0] + ".weight" in self.packed
-            if _is_fused(name) or _is_component(name, self.infos) or packed_part:
+            if _is_fused(name) or _is_component(name, self.infos) or packed_part or not keep(name[len(prefix) :]):
                 continue
             stored = self.infos[name].dtype if name in self.infos else dtype
             want = torch.float32 if stored in (torch.float32, torch.float64) and dtype != torch.float64 else dtype

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from streamq.distributed import Dist
 from streamq.errors import StreamqError
 from streamq.io.safetensors_stream import DTYPE_NAMES
 
@@ -74,6 +75,57 @@ def write_safetensors(
         tmp.unlink(missing_ok=True)
         raise
     return path.stat().st_size
+
+
+def write_safetensors_together(
+    path: Path,
+    specs: Sequence[TensorSpec],
+    produce: Callable[[TensorSpec], Iterable[torch.Tensor]],
+    owns: Callable[[TensorSpec], bool],
+    dist: Dist,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Several processes write one file, each the tensors it ``owns``, at offsets fixed by the header: nothing is
+    gathered on one rank, and the bytes are those ``write_safetensors`` would write in one process."""
+    path = Path(path)
+    if dist.world == 1:
+        write_safetensors(path, specs, produce, metadata)
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{dist.broadcast_object(os.getpid())}")
+    header = header_bytes(specs, metadata)
+    try:
+        if dist.main:
+            with tmp.open("wb") as f:
+                f.write(header)
+                f.truncate(len(header) + sum(spec.nbytes for spec in specs))
+        dist.barrier()
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            offset = len(header)
+            for spec in specs:
+                if owns(spec):
+                    _pwrite_tensor(fd, spec, produce(spec), offset)
+                offset += spec.nbytes
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dist.barrier()
+        if dist.main:
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, exc) from None
+    dist.barrier()
+
+
+def _pwrite_tensor(fd: int, spec: TensorSpec, chunks: Iterable[torch.Tensor], offset: int) -> None:
+    for chunk in chunks:
+        data = memoryview(chunk.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+        offset += len(data)
 
 
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> int:

@@ -239,18 +239,24 @@ class Head(nn.Module):
 # -- building from a checkpoint ----------------------------------------------------------------------------------
 
 
-def build_module(module_fn: Callable[[], nn.Module], tensors: dict[str, torch.Tensor], where: str) -> nn.Module:
-    """Instantiate without allocating (meta device), then adopt the checkpoint's tensors as parameters."""
+def build_module(
+    module_fn: Callable[[], nn.Module],
+    tensors: dict[str, torch.Tensor],
+    where: str,
+    absent: Callable[[str], bool] = lambda _name: False,
+) -> nn.Module:
+    """Instantiate without allocating (meta device), then adopt the checkpoint's tensors as parameters.
+    Parameters for which ``absent(name)`` holds are meant to be missing and stay on the meta device."""
     with torch.device("meta"):
         module = module_fn()
-    expected = set(module.state_dict())
+    expected = {name for name in module.state_dict() if not absent(name)}
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or extra:
         raise StreamqError(
             f"{where}: checkpoint tensors do not match a DeepSeek-V3 block (missing: {missing[:3]}, "
             f"unexpected: {extra[:3]}); check config.json matches the weights"
         )
-    module.load_state_dict(tensors, assign=True)
+    module.load_state_dict(tensors, assign=True, strict=False)
     return module.eval().requires_grad_(False)
 
 
@@ -260,12 +266,31 @@ def block_tensor_names(reader: CheckpointReader, layer: int) -> list[str]:
 
 
 def load_block(
-    reader: CheckpointReader, layer: int, device: torch.device | str, dtype: torch.dtype = torch.bfloat16
+    reader: CheckpointReader,
+    layer: int,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.bfloat16,
+    experts: Sequence[int] | None = None,
 ) -> Block:
+    """Block ``layer`` on ``device``; with ``experts``, only those routed experts are read (the others stay on the
+    meta device: another process owns them)."""
+    absent = _not_in(experts)
     prefix = reader.layer_prefix(layer)
-    tensors = reader.load_prefix(prefix, device, dtype)
-    tensors = {n: t for n, t in tensors.items() if not n.startswith(MTP_EXTRAS)}
-    return build_module(lambda: Block(reader.config, layer), tensors, f"{reader.dir} layer {layer}")
+    tensors = reader.load_prefix(prefix, device, dtype, keep=lambda n: not n.startswith(MTP_EXTRAS) and not absent(n))
+    return build_module(lambda: Block(reader.config, layer), tensors, f"{reader.dir} layer {layer}", absent)
+
+
+def _not_in(experts: Sequence[int] | None) -> Callable[[str], bool]:
+    """True for the parameter names of routed experts outside ``experts`` (None: all are wanted)."""
+    if experts is None:
+        return lambda _name: False
+    owned = {str(e) for e in experts}
+
+    def absent(name: str) -> bool:
+        parts = name.split(".")
+        return len(parts) > 2 and parts[:2] == ["mlp", "experts"] and parts[2] not in owned
+
+    return absent
 
 
 def load_embedding(reader: CheckpointReader, device: torch.device | str, dtype: torch.dtype) -> nn.Embedding:

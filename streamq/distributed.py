@@ -1,0 +1,122 @@
+"""Several processes, one per GPU, through torch.distributed (NCCL on GPUs, gloo on the CPU).
+
+Expert parallelism: rank r owns a contiguous range of every MoE layer's routed experts; it reads only their
+tensors from the shards, holds only their weights and Hessians, and solves them. Data parallelism: each global
+micro-batch of calibration sequences is split evenly across ranks, which run the attention (and every other
+token-wise module) on their own slice. At the MoE, the slices' inputs are all-gathered in rank order, so every
+rank sees the micro-batch exactly as a single process would, runs its own experts on the tokens routed to them,
+and the weighted expert outputs go back to the tokens' ranks by a reduce-scatter. Each (token, top-k slot) has
+exactly one owning expert, so that sum only ever adds zeros to one value: it is exact, and the output does not
+depend on the number of processes.
+
+Launch: ``streamq run ... --gpus N`` starts ``torchrun --standalone --nproc-per-node N -m streamq run ...``;
+``torchrun`` can also be called directly, including its multi-node rendezvous flags.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+from streamq.errors import StreamqError
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def experts(self, n: int) -> range:
+        """The routed experts this rank owns: a contiguous share of ``n``."""
+        return range(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+
+    def owner(self, expert: int, n: int) -> int:
+        return next(r for r in range(self.world) if expert < n * (r + 1) // self.world)
+
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``t`` (equal shapes) concatenated along dim 0 in rank order."""
+        if self.world == 1:
+            return t
+        out = t.new_empty((self.world * t.shape[0], *t.shape[1:]))
+        torch_dist.all_gather_into_tensor(out, t.contiguous())
+        return out
+
+    def sum_scatter_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of ``t``, split along dim 0: this rank's share."""
+        if self.world == 1:
+            return t
+        out = t.new_empty((t.shape[0] // self.world, *t.shape[1:]))
+        torch_dist.reduce_scatter_tensor(out, t.contiguous())
+        return out
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch_dist.all_reduce(t)
+        return t
+
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch_dist.broadcast(t, src=0)
+        return t
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch_dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch_dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch_dist.barrier()
+
+
+SINGLE = Dist()
+
+
+def from_environment(device: str) -> tuple[Dist, str]:
+    """The process group torchrun describes in the environment (or a single process), and this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return SINGLE, device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Dist(rank=torch_dist.get_rank(), world=torch_dist.get_world_size()), device if use_cuda else "cpu"
+
+
+def shutdown() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def launch(nproc: int, argv: Sequence[str]) -> int:
+    """Run this command again under torchrun with ``nproc`` processes on this machine; its exit status."""
+    if nproc < 1:
+        raise StreamqError(f"--gpus {nproc}: needs at least 1")
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise StreamqError(f"--gpus {nproc}: this machine has {torch.cuda.device_count()} GPUs")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return subprocess.call([*cmd, "-m", "streamq", *argv])

@@ -1,0 +1,80 @@
+"""Several processes (torchrun, gloo on the CPU): expert + data parallelism give the single-process bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streamq.distributed import Dist
+from streamq.pipeline import REPORT_NAME
+from streamq.tui import EVENTS_FILENAME
+
+ARGS = ["--num-samples", "8", "--seq-len", "32", "--dtype", "float32", "--device", "cpu", "--token-budget", "64"]
+TIMING = {EVENTS_FILENAME, REPORT_NAME}
+
+
+def streamq_run(model: Path, out: Path, gpus: int, crash: str = "") -> subprocess.CompletedProcess[str]:
+    # One thread per process: CPU matrix products split their sums by thread, so the thread count is part of
+    # what makes two runs bitwise comparable (torchrun gives each worker one thread).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STREAMQ_CRASH_AT": crash}
+    cmd = [sys.executable, "-m", "streamq", "run", str(model), str(out), *ARGS, "--display", "plain"]
+    if gpus > 1:
+        cmd += ["--gpus", str(gpus)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def model_files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name not in TIMING}
+
+
+def report(out: Path) -> list[dict]:
+    """The report less what depends on timing and on the order of the ranks' partial sums."""
+    blocks = json.loads((out / REPORT_NAME).read_text())["blocks"]
+    return [{k: v for k, v in b.items() if k not in ("seconds", "rel_error")} for b in blocks]
+
+
+@pytest.fixture(scope="module")
+def single(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "out"
+    done = streamq_run(tiny_checkpoint, out, 1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_experts_are_shared_out_contiguously_and_completely() -> None:
+    for world in (1, 2, 3, 8):
+        ranks = [Dist(r, world) for r in range(world)]
+        owned = [e for d in ranks for e in d.experts(256)]
+        assert owned == list(range(256))
+        assert all(ranks[0].owner(e, 256) == r for r, d in enumerate(ranks) for e in d.experts(256))
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_bytes_of_one(tiny_checkpoint: Path, single: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = streamq_run(tiny_checkpoint, out, 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert model_files(out) == model_files(single)
+    assert report(out) == report(single)
+    # Rank 0 alone displays, and it shows both ranks' experts.
+    assert "block 3 done" in done.stdout
+    events = [json.loads(line) for line in (out / EVENTS_FILENAME).read_text().splitlines()]
+    assert {e["rank"] for e in events if e["event"] == "experts"} == {0, 1}
+
+
+@pytest.mark.slow
+def test_a_killed_rank_resumes_to_the_same_bytes(tiny_checkpoint: Path, single: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    killed = streamq_run(tiny_checkpoint, out, 2, crash="solve:2@1")  # rank 1, in the first MoE block
+    assert killed.returncode != 0
+    assert json.loads((out / "streamq_manifest.json").read_text())["next_layer"] == 2
+    refused = streamq_run(tiny_checkpoint, out, 1)
+    assert refused.returncode == 2 and "resume with --gpus 2" in refused.stderr
+    resumed = streamq_run(tiny_checkpoint, out, 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert model_files(out) == model_files(single)
