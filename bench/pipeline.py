@@ -1,30 +1,31 @@
-"""Per-block time of `streamq run` at full DeepSeek-V3 width, on synthetic weights.
+"""Per-block time of `streamq run` at full DeepSeek-V3 width, on synthetic weights, on 1 or more GPUs.
 
 Writes a DeepSeek-V3-width checkpoint (by default 1 dense + 2 MoE layers, 256 experts, FP8 blocks), quantizes it
-(4-bit, group 128, GPTQ with act-order, routed calibration), and prints the per-block seconds split into
-load / calibrate / solve / write / propagate, then extrapolates to the full model: 3 dense + 58 MoE layers and
-512 × 4096 calibration tokens. Calibration and propagation scale with the token count; load, solve and write do
-not (the solver's cost depends on the Hessians' size, not on how many tokens built them).
+(4-bit, group 128, GPTQ with act-order, routed calibration) with `streamq run` for each GPU count asked for, and
+prints the per-block seconds split into load / calibrate / solve / write / propagate, then extrapolates to the
+full model: 3 dense + 58 MoE layers and 512 × 4096 calibration tokens. Calibration and propagation scale with the
+token count; load, solve and write do not (the solver's cost depends on the Hessians' size, not on how many tokens
+built them).
 
-    PYTHONPATH=$PWD python3 bench/pipeline.py --work /tmp/bench --samples 64 --seq-len 2048
+    PYTHONPATH=$PWD python3 bench/pipeline.py --work /tmp/bench --samples 64 --seq-len 2048 --gpus 1,2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from streamq.data import DataConfig
-from streamq.pipeline import REPORT_NAME, RunOptions, run
-from streamq.recipe import Recipe
+from streamq.pipeline import REPORT_NAME
 from streamq.synth import SynthOptions, write_synthetic_checkpoint
-from streamq.tui import Reporter
 
 STAGES = ("load", "calibrate", "solve", "write", "propagate")
 PER_TOKEN = ("calibrate", "propagate")
@@ -42,12 +43,11 @@ def main() -> None:
     parser.add_argument("--dataset", default="builtin")
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory to put in the model")
     parser.add_argument("--calibration", default="routed")
-    parser.add_argument("--hessian-budget-gb", type=float, default=None)
+    parser.add_argument("--gpus", default="1", help="comma-separated process counts to measure, e.g. 1,2")
     parser.add_argument("--json", type=Path, default=None, help="write the measurements here")
     args = parser.parse_args()
 
-    model, out = args.work / "model", args.work / "out"
-    shutil.rmtree(out, ignore_errors=True)
+    model = args.work / "model"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
     if not (model / "model.safetensors.index.json").exists():
@@ -61,42 +61,52 @@ def main() -> None:
             device=device,
         )
         write_synthetic_checkpoint(model, opts, progress=print)
-    synth_s = time.perf_counter() - start
-
-    recipe = Recipe(
-        calibration=args.calibration,
-        data=DataConfig(source=args.dataset, num_samples=args.samples, seq_len=args.seq_len),
-    )
-    budget = None if args.hessian_budget_gb is None else int(args.hessian_budget_gb * 2**30)
-    warm_up_solver(recipe, device)
-    options = RunOptions(device=device, hessian_budget=budget)
-    start = time.perf_counter()
-    with Reporter(out / "streamq_events.jsonl", display="plain") as reporter:
-        run(model, out, recipe, options, reporter)
-    run_s = time.perf_counter() - start
-
-    blocks = json.loads((out / REPORT_NAME).read_text())["blocks"]
-    tokens = args.samples * args.seq_len
-    result = {
+    results = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "tokens": tokens,
-        "synth_seconds": synth_s,
-        "run_seconds": run_s,
-        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
-        "blocks": blocks,
-        "extrapolation": extrapolate(blocks, tokens),
+        "synth_seconds": time.perf_counter() - start,
+        "tokens": args.samples * args.seq_len,
+        "runs": {},
     }
-    print_table(result)
+    for gpus in (int(g) for g in args.gpus.split(",")):
+        results["runs"][gpus] = measure(args, model, gpus)
+        print_table(results["runs"][gpus], gpus, results["tokens"], results["device"])
+    if len(results["runs"]) > 1:
+        print_speedup(results["runs"])
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(json.dumps(results, indent=2))
 
 
-def warm_up_solver(recipe: Recipe, device: str) -> None:
-    """Compile the Triton kernels before timing, so that the first MoE block's solve is not charged for it."""
-    from streamq.solvers.gptq import gptq_quantize
-
-    x = torch.randn(512, 256, device=device)
-    gptq_quantize(torch.randn(2, 256, 256, device=device), (x.t() @ x).expand(2, 256, 256).contiguous(), recipe.solver)
+def measure(args: argparse.Namespace, model: Path, gpus: int) -> dict:
+    out = args.work / f"out-{gpus}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamq",
+        "run",
+        str(model),
+        str(out),
+        "--dataset",
+        args.dataset,
+        "--num-samples",
+        str(args.samples),
+        "--seq-len",
+        str(args.seq_len),
+        "--calibration",
+        args.calibration,
+        "--display",
+        "plain",
+        "--gpus",
+        str(gpus),
+    ]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    blocks = json.loads((out / REPORT_NAME).read_text())["blocks"]
+    return {
+        "run_seconds": time.perf_counter() - start,
+        "blocks": blocks,
+        "extrapolation": extrapolate(blocks, args.samples * args.seq_len),
+    }
 
 
 def extrapolate(blocks: list[dict], tokens: int) -> dict[str, float]:
@@ -118,23 +128,30 @@ def extrapolate(blocks: list[dict], tokens: int) -> dict[str, float]:
     }
 
 
-def print_table(result: dict) -> None:
-    print(f"\n{result['device']}: {result['tokens']} calibration tokens; run {result['run_seconds']:.1f} s")
+def print_table(run: dict, gpus: int, tokens: int, device: str) -> None:
+    print(f"\n{gpus} x {device}: {tokens} calibration tokens; run {run['run_seconds']:.1f} s")
     print("| block | kind | " + " | ".join(STAGES) + " | total | rel. error |")
     print("|---" * (len(STAGES) + 4) + "|")
-    for b in result["blocks"]:
+    for b in run["blocks"]:
         secs = [b["seconds"].get(s, 0.0) for s in STAGES]
         err = "-" if b["rel_error"] is None else f"{b['rel_error']:.4f}"
         print(
             f"| {b['layer']} | {b['kind']} | " + " | ".join(f"{s:.1f}" for s in secs) + f" | {sum(secs):.1f} | {err} |"
         )
-    x = result["extrapolation"]
+    x = run["extrapolation"]
     print(
-        f"\nExtrapolated to 3 dense + 58 MoE layers and 512x4096 tokens: dense block {x['dense_block_s']:.1f} s, "
+        f"Extrapolated to 3 dense + 58 MoE layers and 512x4096 tokens: dense block {x['dense_block_s']:.1f} s, "
         f"MoE block {x['moe_block_s']:.1f} s, total {x['total_h']:.2f} h"
     )
-    if result["peak_gpu_gib"] is not None:
-        print(f"peak GPU memory {result['peak_gpu_gib']:.1f} GiB")
+
+
+def print_speedup(runs: dict[int, dict]) -> None:
+    def moe_seconds(run: dict) -> float:
+        return statistics.fmean(sum(b["seconds"].values()) for b in run["blocks"] if b["kind"] == "moe")
+
+    base = moe_seconds(runs[min(runs)])
+    for gpus, run in sorted(runs.items()):
+        print(f"{gpus} GPU(s): MoE block {moe_seconds(run):.1f} s, speed-up {base / moe_seconds(run):.2f}x")
 
 
 if __name__ == "__main__":
