@@ -77,7 +77,7 @@ def run(
     seq_len: Annotated[int | None, typer.Option(help="Tokens per calibration sequence.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling calibration text.")] = None,
     chat_template: Annotated[str | None, typer.Option(help="auto, on or off (conversational data).")] = None,
-    method: Annotated[str | None, typer.Option(help="gptq or rtn.")] = None,
+    method: Annotated[str | None, typer.Option(help="gptq, awq or rtn.")] = None,
     bits: Annotated[int | None, typer.Option(help="2, 3, 4 or 8.")] = None,
     group_size: Annotated[int | None, typer.Option(help="32, 64, 128 ...; 0 = one scale per output channel.")] = None,
     sym: Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric or asymmetric grid.")] = None,

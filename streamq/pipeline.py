@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from streamq.calibrate import (
+    MOE_INPUT,
     ExpertPass,
     Hessians,
     LinearGroup,
@@ -40,6 +41,7 @@ from streamq.data import load_token_batches
 from streamq.distributed import SINGLE, Dist
 from streamq.errors import StreamqError
 from streamq.export.checkpoint import (
+    FP8_DTYPES,
     copy_side_files,
     plan_tensors,
     shard_name,
@@ -53,6 +55,8 @@ from streamq.io.safetensors_stream import CheckpointReader
 from streamq.model.deepseek import Block, MoE, load_block, load_embedding, rope_cos_sin
 from streamq.recipe import Recipe
 from streamq.resume import OutputDir, crash_point
+from streamq.smooth import BlockAWQ, fold_sites
+from streamq.solvers.awq import activation_rms
 from streamq.solvers.gptq import gptq_quantize
 from streamq.solvers.hessian import hessian_weighted_error
 from streamq.solvers.rtn import rtn_quantize
@@ -116,6 +120,7 @@ class _Solved:
     packed: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     errors: dict[str, float] = field(default_factory=dict)  # sampled Hessian-weighted errors by group key
+    changed: list[str] = field(default_factory=list)  # unquantized parameters changed by folding AWQ scales
     fallbacks: dict[str, int] = field(default_factory=dict)
 
 
@@ -287,7 +292,7 @@ def _quantize_block(ctx: _Run, layer: int) -> None:
     solved = _calibrate_and_solve(ctx, block, groups, acts, batches, cos, sin, report)
     _share_dense_weights(block, groups, solved, dist)
     with ctx.stage(report, "write"):
-        _write_block(ctx, layer, solved)
+        _write_block(ctx, layer, solved, block)
     with ctx.stage(report, "propagate"):
         writer = ActivationWriter(output.activation_path(layer + 1, dist), _local(spec, dist))
         for i, (first, stop) in enumerate(batches):
@@ -334,7 +339,7 @@ def _finish_block(ctx: _Run, layer: int, report: BlockReport) -> None:
     ctx.reporter.block_done(layer, rel_error=report.rel_error if report.rel_error is not None else float("nan"))
 
 
-def _write_block(ctx: _Run, layer: int, solved: _Solved) -> None:
+def _write_block(ctx: _Run, layer: int, solved: _Solved, block: Block) -> None:
     """The block's shard: this rank writes its experts (and rank 0 everything else) into one shared file."""
     reader, recipe, dist = ctx.reader, ctx.recipe, ctx.dist
     prefix = reader.layer_prefix(layer)
@@ -344,7 +349,13 @@ def _write_block(ctx: _Run, layer: int, solved: _Solved) -> None:
     }
     packed = {prefix + module: tensors for module, tensors in solved.packed.items()}
     keep_fp8 = recipe.unquantized == "fp8" and bool(reader.config.fp8_block)
-    plan = plan_tensors(reader, reader.names(prefix), quantized, packed, keep_fp8)
+    params = dict(block.named_parameters())
+    overrides = {
+        prefix + name: params[name].data.to(_stored(reader, prefix + name)).cpu()
+        for name in solved.changed
+        if prefix + name.removesuffix(".weight") not in quantized and not params[name].is_meta
+    }
+    plan = plan_tensors(reader, reader.names(prefix), quantized, packed, keep_fp8, overrides=overrides)
     n = reader.config.n_routed_experts
 
     def owner(name: str) -> int:
@@ -354,6 +365,12 @@ def _write_block(ctx: _Run, layer: int, solved: _Solved) -> None:
     write_shard(
         ctx.output.path / shard_name(1 + layer, ctx.output.manifest.total_shards), plan, _crash_write, dist, owner
     )
+
+
+def _stored(reader: CheckpointReader, name: str) -> torch.dtype:
+    """The dtype a tensor is written in when not quantized: as stored, FP8 dequantized to bf16."""
+    dtype = reader.infos[name].dtype
+    return torch.bfloat16 if dtype in FP8_DTYPES else dtype
 
 
 def _quantized_shapes(reader: CheckpointReader, layer: int, recipe: Recipe) -> dict[str, tuple[int, int]]:
@@ -415,6 +432,7 @@ def _calibrate_and_solve(
     counts = torch.zeros(n_experts, dtype=torch.int64, device=ctx.device)
     hybrid = moe is not None and recipe.calibration == "hybrid"
     all_tokens = set(experts) if recipe.calibration == "all" else set()
+    awq = _block_awq(ctx, block, report.layer, mine) if recipe.method == "awq" else None
 
     def one_pass(expert_pass: ExpertPass, count: bool, moe_input: bool) -> None:
         with ctx.stage(report, "calibrate"):
@@ -434,13 +452,19 @@ def _calibrate_and_solve(
                 dist.main,
             )
 
+    def hessian(group: LinearGroup) -> torch.Tensor:
+        dim = modules[group.members[0]].weight.shape[1]
+        return expert_hessian(hessians, group, group.expert in all_tokens, dim, ctx.device)[0]
+
+    modules = dict(block.named_modules())
     if hybrid:
         # Which experts are starved is known only once every token has been routed: a first pass counts, and
         # takes the non-expert Hessians on the way.
         one_pass(ExpertPass((), (), True), count=True, moe_input=True)
         all_tokens = {e for e in experts if counts[e].item() < recipe.min_tokens}
-        with ctx.stage(report, "solve"):
-            _solve(ctx, block, [g for g in dense_groups if dist.main], hessians, set(), solved, report)
+        if awq is None:
+            with ctx.stage(report, "solve"):
+                _solve(ctx, block, [g for g in dense_groups if dist.main], hessians, set(), solved, report)
     sizes = _hessian_bytes(block, experts) if experts else (0, 0)
     passes = plan_passes(
         len(experts),
@@ -452,19 +476,72 @@ def _calibrate_and_solve(
     passes = _same_count(_renumber(passes, experts), dist)
     for i, expert_pass in enumerate(passes):
         first = i == 0 and not hybrid
-        one_pass(expert_pass, count=first, moe_input=first and recipe.calibration == "all")
+        one_pass(expert_pass, count=first, moe_input=first and (recipe.calibration == "all" or awq is not None))
+        if awq is not None and awq.mlp_act is None:
+            awq.mlp_act = _mlp_input_rms(hessians, block, dense_groups)
         members = set(expert_pass.routed) | set(expert_pass.all_tokens)
         chosen = [g for g in mine if g.expert in members or (g.expert is None and expert_pass.dense_hooks)]
         with ctx.stage(report, "solve"):
-            _solve(ctx, block, chosen, hessians, all_tokens, solved, report)
+            if awq is None:
+                _solve(ctx, block, chosen, hessians, all_tokens, solved, report)
+            else:
+                chunk = [g for g in chosen if g.expert is not None]
+                _record_awq(ctx, block, awq.chunk(chunk, hessian), {g.key: g for g in chunk}, solved)
         for group in chosen:
-            hessians.pop(group.key)
+            if awq is None or group.expert is not None:  # AWQ solves the non-expert groups at the end
+                hessians.pop(group.key)
         if moe is not None:
             for rank, done in enumerate(dist.gather_objects(_count_solved(solved))):
                 ctx.reporter.experts(report.layer, done, len(dist.experts(n_experts)), rank=rank)
+    if awq is not None:
+        with ctx.stage(report, "solve"):
+            finishing = [g for g in mine if g.expert is None]
+            _record_awq(ctx, block, awq.finish(finishing, hessian), {g.key: g for g in mine}, solved)
+            solved.changed = _share_folds(block, awq, dist)
     if moe is not None:
         _report_tokens(ctx, report, counts, block)
     return solved
+
+
+def _block_awq(ctx: _Run, block: Block, layer: int, mine: list[LinearGroup]) -> BlockAWQ:
+    reader = ctx.reader
+    prefix = reader.layer_prefix(layer)
+
+    def stored_dtype(name: str) -> torch.dtype:
+        return _stored(reader, prefix + name)
+
+    sites = fold_sites(reader.config, layer, linear_groups(reader.config, layer, ctx.recipe))
+    return BlockAWQ(block, sites, mine, ctx.recipe.solver, ctx.dist, stored_dtype)
+
+
+def _mlp_input_rms(hessians: Hessians, block: Block, dense_groups: list[LinearGroup]) -> torch.Tensor | None:
+    """The MLP input's per-channel RMS: the MoE input's Hessian, or a dense MLP's gate/up one (rank 0)."""
+    device = next(p for p in block.parameters() if not p.is_meta).device
+    hidden = block.post_attention_layernorm.weight.shape[0]
+    key = (
+        MOE_INPUT
+        if isinstance(block.mlp, MoE)
+        else next((g.key for g in dense_groups if g.key.startswith("mlp.") and not g.key.endswith("down_proj")), None)
+    )
+    if key is None or hessians.count(key) == 0:
+        return None
+    return activation_rms(hessians.mean(key, hidden, device))
+
+
+def _share_folds(block: Block, awq: BlockAWQ, dist: Dist) -> list[str]:
+    """Non-expert tensors changed by folding (norms, router, compensated shared experts): rank 0's values for
+    every rank. Returns every changed parameter's name."""
+    modules = dict(block.named_parameters())
+    shared = sorted(
+        name
+        for site in awq.sites
+        if site.expert is None
+        for name in (f"{site.producer}.weight", *(f"{c}.weight" for c in site.compensate))
+    )
+    for name in shared:
+        param = modules[name]
+        param.data = dist.broadcast(param.data.float().contiguous()).to(param.dtype)
+    return sorted(awq.changed | set(shared))
 
 
 def _report_tokens(ctx: _Run, report: BlockReport, counts: torch.Tensor, block: Block) -> None:
@@ -587,19 +664,48 @@ def _solve_stack(
             name = groups[0].key if len(groups) == 1 else f"{len(groups)} experts"
             ctx.reporter.fallback(report.layer, name, reason)
     for i, group in enumerate(groups):
-        row = 0
-        for member in group.members:
-            rows = modules[member].weight.shape[0]
-            part = _select(result, i, row, row + rows)
-            tensors = pack_linear(part, recipe.scheme, recipe.scheme.scale_torch_dtype)
-            solved.packed[member] = {k: v.cpu() for k, v in tensors.items()}
-            if group.expert is None:
-                # Attention and shared/dense MLP weights change every expert's input: they go in only after
-                # all expert Hessians are collected. An expert's own weights affect nothing else.
-                solved.weights[member] = part.weight
-            else:
-                modules[member].weight.data = part.weight.to(modules[member].weight.dtype)
-            row += rows
+        _record(ctx, modules, group, result, i, solved)
+
+
+def _record(
+    ctx: _Run, modules: dict[str, torch.nn.Module], group: LinearGroup, result: QuantResult, index: int, solved: _Solved
+) -> None:
+    """Pack the members' rows of entry ``index`` of a batched result, and put the quantized weights in."""
+    row = 0
+    for member in group.members:
+        rows = modules[member].weight.shape[0]
+        part = _select(result, index, row, row + rows)
+        tensors = pack_linear(part, ctx.recipe.scheme, ctx.recipe.scheme.scale_torch_dtype)
+        solved.packed[member] = {k: v.cpu() for k, v in tensors.items()}
+        if group.expert is None:
+            # Attention and shared/dense MLP weights change every expert's input: they go in only after
+            # all expert Hessians are collected. An expert's own weights affect nothing else.
+            solved.weights[member] = part.weight
+        else:
+            modules[member].weight.data = part.weight.to(modules[member].weight.dtype)
+        row += rows
+
+
+def _record_awq(
+    ctx: _Run, block: Block, results: dict[str, QuantResult], groups: dict[str, LinearGroup], solved: _Solved
+) -> None:
+    modules = dict(block.named_modules())
+    for key, result in results.items():
+        _record(ctx, modules, groups[key], _batch_of_one(result), 0, solved)
+
+
+def _batch_of_one(result: QuantResult) -> QuantResult:
+    def one(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.unsqueeze(0)
+
+    return QuantResult(
+        one(result.q),
+        one(result.scale),
+        one(result.zero_point),
+        one(result.g_idx),
+        one(result.weight),
+        result.fallbacks,
+    )
 
 
 def _select(result: QuantResult, expert: int, first: int, stop: int) -> QuantResult:

@@ -17,7 +17,7 @@ from streamq.data import DataConfig
 from streamq.errors import StreamqError
 from streamq.solvers.scheme import QuantScheme, SolverConfig
 
-Method = Literal["gptq", "rtn"]
+Method = Literal["gptq", "rtn", "awq"]
 Scope = Literal["experts", "all"]
 CalibrationMode = Literal["routed", "all", "hybrid"]
 UnquantizedDtype = Literal["bf16", "fp8"]
@@ -44,7 +44,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
-        _one_of("method", self.method, ("gptq", "rtn"))
+        _one_of("method", self.method, ("gptq", "rtn", "awq"))
         _one_of("scope", self.scope, ("experts", "all"))
         _one_of("calibration", self.calibration, ("routed", "all", "hybrid"))
         _one_of("unquantized", self.unquantized, ("bf16", "fp8"))

@@ -18,11 +18,13 @@ ARGS = ["--num-samples", "8", "--seq-len", "32", "--dtype", "float32", "--device
 TIMING = {EVENTS_FILENAME, REPORT_NAME}
 
 
-def streamq_run(model: Path, out: Path, gpus: int, crash: str = "") -> subprocess.CompletedProcess[str]:
+def streamq_run(
+    model: Path, out: Path, gpus: int, crash: str = "", extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     # One thread per process: CPU matrix products split their sums by thread, so the thread count is part of
     # what makes two runs bitwise comparable (torchrun gives each worker one thread).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STREAMQ_CRASH_AT": crash}
-    cmd = [sys.executable, "-m", "streamq", "run", str(model), str(out), *ARGS, "--display", "plain"]
+    cmd = [sys.executable, "-m", "streamq", "run", str(model), str(out), *ARGS, *extra, "--display", "plain"]
     if gpus > 1:
         cmd += ["--gpus", str(gpus)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -78,3 +80,15 @@ def test_a_killed_rank_resumes_to_the_same_bytes(tiny_checkpoint: Path, single: 
     resumed = streamq_run(tiny_checkpoint, out, 2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert model_files(out) == model_files(single)
+
+
+@pytest.mark.slow
+def test_awq_with_every_linear_in_scope_is_the_same_on_two_processes(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """AWQ's shared MoE-input scale sums losses and weight statistics over ranks, in an order that does not
+    depend on them; the non-expert folds are broadcast from rank 0."""
+    extra = ("--method", "awq", "--scope", "all")
+    one, two = streamq_run(tiny_checkpoint, tmp_path / "one", 1, extra=extra), None
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = streamq_run(tiny_checkpoint, tmp_path / "two", 2, extra=extra)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert model_files(tmp_path / "two") == model_files(tmp_path / "one")

@@ -46,17 +46,23 @@ def plan_tensors(
     packed: Mapping[str, Mapping[str, torch.Tensor]],
     keep_fp8: bool,
     dtype: torch.dtype = torch.bfloat16,
+    overrides: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, tuple[TensorSpec, Producer]]:
     """What to write for the source tensors ``names``: for the ``quantized`` modules (their packed layout) the
     tensors in ``packed`` (with several processes, only this rank's modules are there), FP8 weights kept as
-    shipped (``keep_fp8``) or dequantized to ``dtype``, everything else as stored."""
+    shipped (``keep_fp8``) or dequantized to ``dtype``, everything else as stored, except the ``overrides``
+    (tensors AWQ changed by folding its scales, written as given)."""
+    overrides = overrides or {}
     plan: dict[str, tuple[TensorSpec, Producer]] = {}
     for name in names:
         if name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) in reader:
             continue
         module = name.removesuffix(".weight")
         info = reader.infos[name]
-        if module in quantized:
+        if name in overrides:
+            tensor = overrides[name]
+            plan[name] = (TensorSpec(name, tensor.dtype, tuple(tensor.shape)), lambda t=tensor: t)
+        elif module in quantized:
             for suffix, (tensor_dtype, shape) in quantized[module].items():
                 full = f"{module}.{suffix}"
                 plan[full] = (TensorSpec(full, tensor_dtype, shape), lambda m=module, x=suffix: packed[m][x])
