@@ -24,7 +24,7 @@ from typing import Any
 from streamq.distributed import SINGLE, Dist
 from streamq.errors import StreamqError
 from streamq.io.activations import ActivationSpec
-from streamq.io.safetensors_write import fsync_dir
+from streamq.io.atomic import atomic_file
 from streamq.recipe import RECIPE_NAME, Recipe
 
 MANIFEST_NAME = "streamq_manifest.json"
@@ -75,19 +75,8 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise StreamqError(
-            f"{path}: cannot write ({exc.strerror}); free space or fix permissions, then rerun"
-        ) from None
+    with atomic_file(path, "w") as f:
+        f.write(text)
 
 
 class OutputDir:

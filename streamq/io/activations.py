@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from streamq.errors import StreamqError
-from streamq.io.safetensors_write import fsync_dir
+from streamq.io.atomic import fsync_dir, temporary_name
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -86,7 +86,7 @@ class ActivationWriter:
 
     def __init__(self, path: Path, spec: ActivationSpec) -> None:
         self.path, self.spec = Path(path), spec
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = temporary_name(self.path)
         self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
     def write(self, first: int, values: torch.Tensor) -> None:

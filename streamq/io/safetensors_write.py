@@ -7,7 +7,6 @@ a 2 GB embedding never needs to exist in RAM at once. The file appears under its
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from streamq.distributed import Dist
-from streamq.errors import StreamqError
+from streamq.io.atomic import atomic_file, fsync_dir, temporary_name, write_error
 from streamq.io.safetensors_stream import DTYPE_NAMES
 
 
@@ -58,22 +57,10 @@ def write_safetensors(
 
     Returns the file size. Raises StreamqError (naming the file) when the disk is full or unwritable."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("wb") as f:
-            f.write(header_bytes(specs, metadata))
-            for spec in specs:
-                _write_tensor(f, spec, produce(spec))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise _write_error(path, exc) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        f.write(header_bytes(specs, metadata))
+        for spec in specs:
+            _write_tensor(f, spec, produce(spec))
     return path.stat().st_size
 
 
@@ -91,7 +78,7 @@ def write_safetensors_together(
     if dist.world == 1:
         write_safetensors(path, specs, produce, metadata)
         return
-    tmp = path.with_name(f".{path.name}.tmp-{dist.broadcast_object(os.getpid())}")
+    tmp = temporary_name(path, dist.broadcast_object(os.getpid()))
     header = header_bytes(specs, metadata)
     try:
         if dist.main:
@@ -115,7 +102,7 @@ def write_safetensors_together(
             fsync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise _write_error(path, exc) from None
+        raise write_error(path, exc) from None
     dist.barrier()
 
 
@@ -144,18 +131,3 @@ def _write_tensor(f, spec: TensorSpec, chunks: Iterable[torch.Tensor]) -> None:
         written += data.numel()
     if written != spec.nbytes:
         raise ValueError(f"{spec.name}: produced {written} bytes, the declared shape {spec.shape} needs {spec.nbytes}")
-
-
-def _write_error(path: Path, exc: OSError) -> StreamqError:
-    if exc.errno == errno.ENOSPC:
-        return StreamqError(f"{path}: disk full while writing; free space on {path.parent} and rerun to resume")
-    return StreamqError(f"{path}: cannot write ({exc.strerror}); check {path.parent} is writable and rerun")
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename durable: the directory entry must reach the disk too."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
