@@ -276,7 +276,7 @@ def plain_line(event: str, fields: dict[str, Any], state: RunState, eta: float |
             return f"ERROR {fields['message']}"
         case "run_end":
             return (
-                f"run {fields['status']}: {fields['blocks_done']} blocks quantized, {fields['blocks_skipped']} "
+                f"run {fields['status']}: {fields['blocks_done']} blocks done, {fields['blocks_skipped']} "
                 f"skipped, in {format_duration(fields['seconds'])} | fallbacks {fields['fallbacks']} | rel err "
                 f"mean {format_error(fields['rel_error_mean'])} max {format_error(fields['rel_error_max'])}"
             )

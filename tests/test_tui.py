@@ -214,7 +214,7 @@ def test_plain_lines_without_a_terminal(tmp_path: Path) -> None:
     )
     assert "WARNING expert 0 of block 2 got no tokens" in messages
     assert messages[-2].startswith("block 2 done in 20.0s (3/3) | rel err 0.02") and messages[-2].endswith("ETA 0.0s")
-    assert messages[-1] == "run ok: 2 blocks quantized, 1 skipped, in 30.0s | fallbacks 1 | rel err mean 0.015 max 0.02"
+    assert messages[-1] == "run ok: 2 blocks done, 1 skipped, in 30.0s | fallbacks 1 | rel err mean 0.015 max 0.02"
     # Per-expert progress and fallbacks stay in the event log: 8 experts events would be a flood.
     assert len(lines) == 1 + 1 + 2 * 5 + 1 + 1
 
@@ -282,7 +282,7 @@ def test_rich_live_panel_renders_to_a_terminal_console(tmp_path: Path) -> None:
     assert "3/3 (1 resumed)" in output
     assert "block 1 done in 10.0s" in output and "WARNING expert 0 of block 2 got no tokens" in output
     assert "block 1: load" not in output  # stage changes update the panel instead of scrolling
-    assert "run ok: 2 blocks quantized" in output
+    assert "run ok: 2 blocks done" in output
     assert _events(tmp_path / "events.jsonl")[-1]["event"] == "run_end"
 
 
