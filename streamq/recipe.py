@@ -52,6 +52,11 @@ class Recipe:
         _one_of("observer", self.solver.observer, ("minmax", "mse"))
         if self.min_tokens < 0:
             raise StreamqError(f"--min-tokens must be >= 0, not {self.min_tokens}")
+        if self.method == "awq" and self.unquantized == "fp8" and self.scope == "experts":
+            raise StreamqError(
+                "--method awq folds its scales into the shared experts' weights, which then cannot stay FP8: "
+                "use --unquantized bf16 or --scope all"
+            )
         if not 0 <= self.solver.damp < 1:
             raise StreamqError(f"--damp must be in [0, 1), not {self.solver.damp}")
 

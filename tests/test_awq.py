@@ -114,3 +114,11 @@ def test_awq_runs_on_two_chunks_like_on_one(tiny_checkpoint: Path, tmp_path: Pat
         return {p.name: p.read_bytes() for p in out.glob("model-*.safetensors")}
 
     assert shards(tmp_path / "one", OPTIONS) == shards(tmp_path / "many", replace(OPTIONS, hessian_budget=1))
+
+
+def test_awq_refuses_to_keep_the_shared_experts_in_fp8() -> None:
+    from streamq.errors import StreamqError
+
+    with pytest.raises(StreamqError, match=r"cannot stay FP8: use --unquantized bf16 or --scope all"):
+        Recipe(method="awq", unquantized="fp8", scope="experts")
+    Recipe(method="awq", unquantized="fp8", scope="all")  # nothing left unquantized to fold into

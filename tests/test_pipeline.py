@@ -212,13 +212,20 @@ def test_compressed_tensors_decompresses_every_quantized_weight_as_streamq_reads
 
 
 @pytest.mark.slow
-def test_transformers_loads_the_output_and_matches_streamqs_simulated_forward(reference_out: Path) -> None:
+@pytest.mark.parametrize("unquantized", ["bf16", "fp8"])
+def test_transformers_loads_the_output_and_matches_streamqs_simulated_forward(
+    unquantized: str, reference_out: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     from transformers import AutoModelForCausalLM
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
     from streamq.io.safetensors_stream import CheckpointReader
     from streamq.model.deepseek import forward_blocks
 
+    if unquantized == "fp8":  # attention, shared experts and dense MLPs keep DeepSeek's FP8 blocks
+        reference_out = quantize(tiny_checkpoint, tmp_path / "fp8", Recipe(data=DATA, unquantized="fp8"))
+        kept = CheckpointReader(reference_out).raw("model.layers.0.self_attn.q_a_proj.weight")
+        assert kept.dtype == torch.float8_e4m3fn
     torch.manual_seed(0)
     reader = CheckpointReader(reference_out)
     ids = torch.randint(0, reader.config.vocab_size, (2, 24))

@@ -16,7 +16,7 @@ import torch
 
 from streamq.config import ModelConfig
 from streamq.distributed import SINGLE, Dist
-from streamq.export.compressed_tensors import quantization_config
+from streamq.export.compressed_tensors import fp8_passthrough_targets, mtp_ignore, quantization_config
 from streamq.io.safetensors_stream import INDEX_NAME, SCALE_SUFFIX, CheckpointReader, read_header
 from streamq.io.safetensors_write import TensorSpec, write_safetensors_together
 from streamq.recipe import Recipe
@@ -114,41 +114,29 @@ def write_index(out_dir: Path, shard_files: Iterable[str]) -> None:
     write_atomic(out_dir / INDEX_NAME, json.dumps(index, indent=2) + "\n")
 
 
-def ignore_list(cfg: ModelConfig, recipe: Recipe) -> list[str]:
-    """Modules a loader must not look for quantized tensors in: everything outside the quantized scope."""
-    ignore = ["lm_head", r"re:.*mlp\.gate$"]
-    if recipe.scope == "experts":
+def ignore_list(cfg: ModelConfig, recipe: Recipe, keep_fp8: bool) -> list[str]:
+    """Modules a loader must not look for quantized tensors in: lm_head, the router, the MTP layers, and the
+    decoder Linears outside the scope, unless they are kept in FP8 (the FP8 group then covers them)."""
+    ignore = ["lm_head", r"re:.*mlp\.gate$", *mtp_ignore(cfg.num_hidden_layers, cfg.num_nextn_predict_layers)]
+    if recipe.scope == "experts" and not keep_fp8:
         ignore += [r"re:.*self_attn\..*", r"re:.*mlp\.(shared_experts\.)?(gate|up|down)_proj$"]
-    mtp = range(cfg.num_hidden_layers, cfg.num_layers_with_mtp)
-    return ignore + [rf"re:.*layers\.{i}\..*" for i in mtp]
+    return ignore
 
 
 def write_config(out_dir: Path, reader: CheckpointReader, recipe: Recipe) -> None:
     """The source config with its FP8 quantization_config replaced by the compressed-tensors one."""
     cfg = dict(reader.config.raw)
     keep_fp8 = recipe.unquantized == "fp8" and reader.config.fp8_block is not None
-    fp8_targets = _fp8_targets(recipe) if keep_fp8 else None
     cfg["quantization_config"] = quantization_config(
         recipe.scheme,
         recipe.solver,
-        ignore=ignore_list(reader.config, recipe) if not keep_fp8 else _fp8_ignore(reader.config),
-        fp8_targets=fp8_targets,
+        ignore=ignore_list(reader.config, recipe, keep_fp8),
+        fp8_targets=fp8_passthrough_targets(recipe.scope) if keep_fp8 else None,
         scope=recipe.scope,
         fp8_block=reader.config.fp8_block or (128, 128),
     )
     cfg["torch_dtype"] = "bfloat16"
     write_atomic(out_dir / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def _fp8_targets(recipe: Recipe) -> list[str]:
-    from streamq.export.compressed_tensors import fp8_passthrough_targets
-
-    return fp8_passthrough_targets(recipe.scope)
-
-
-def _fp8_ignore(cfg: ModelConfig) -> list[str]:
-    mtp = range(cfg.num_hidden_layers, cfg.num_layers_with_mtp)
-    return ["lm_head", r"re:.*mlp\.gate$"] + [rf"re:.*layers\.{i}\..*" for i in mtp]
 
 
 def copy_side_files(model_dir: Path, out_dir: Path) -> None:
