@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -50,3 +51,19 @@ def test_user_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     out = streamq("synth", str(tmp_path / "m"), "--preset", "huge")
     assert out.returncode == 2
     assert out.stderr.strip() == "error: --preset huge: unknown; choose one of tiny, v3"
+
+
+def test_an_unreachable_hub_model_is_a_clear_error(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    exe = shutil.which("streamq") or str(Path(sys.executable).with_name("streamq"))
+    out = subprocess.run(
+        [exe, "run", "nobody/no-such-model", str(tmp_path / "out")], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 2
+    assert "nobody/no-such-model: not in the local Hugging Face cache and the Hub is unreachable" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_missing_model_directory_is_a_clear_error(tmp_path: Path) -> None:
+    out = streamq("run", str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    assert out.returncode == 2 and "no such directory, and not a Hugging Face repo id" in out.stderr
