@@ -271,8 +271,9 @@ def calibration_pass(
         accumulate_experts(moe, m, indices, expert_pass, hessians, tie)
 
 
-def expert_hessian(hessians: Hessians, group: LinearGroup, all_tokens: bool, dim: int, device: torch.device):
+def expert_hessian(
+    hessians: Hessians, group: LinearGroup, all_tokens: bool, dim: int, device: torch.device
+) -> torch.Tensor:
     """The Hessian a routed expert's group is solved with: in all-token mode gate/up read the MoE input."""
-    if all_tokens and not group.key.endswith("down_proj"):
-        return hessians.mean(MOE_INPUT, dim, device), hessians.count(MOE_INPUT)
-    return hessians.mean(group.key, dim, device), hessians.count(group.key)
+    key = MOE_INPUT if all_tokens and not group.key.endswith("down_proj") else group.key
+    return hessians.mean(key, dim, device)

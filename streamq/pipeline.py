@@ -452,11 +452,12 @@ def _calibrate_and_solve(
                 dist.main,
             )
 
+    modules = dict(block.named_modules())
+
     def hessian(group: LinearGroup) -> torch.Tensor:
         dim = modules[group.members[0]].weight.shape[1]
-        return expert_hessian(hessians, group, group.expert in all_tokens, dim, ctx.device)[0]
+        return expert_hessian(hessians, group, group.expert in all_tokens, dim, ctx.device)
 
-    modules = dict(block.named_modules())
     if hybrid:
         # Which experts are starved is known only once every token has been routed: a first pass counts, and
         # takes the non-expert Hessians on the way.
@@ -651,7 +652,7 @@ def _solve_stack(
         result = rtn_quantize(weights, recipe.solver)
     else:
         dim, device = weights.shape[-1], weights.device
-        hs = torch.stack([expert_hessian(hessians, g, g.expert in all_tokens, dim, device)[0] for g in groups])
+        hs = torch.stack([expert_hessian(hessians, g, g.expert in all_tokens, dim, device) for g in groups])
         result = gptq_quantize(weights, hs, recipe.solver)
         sample = [i for i, g in enumerate(groups) if g.expert is None or g.expert % ERROR_EVERY == 0]
         if sample:

@@ -10,7 +10,6 @@ under its final name only once complete, which is what lets an interrupted run r
 from __future__ import annotations
 
 import contextlib
-import errno
 import math
 import os
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from streamq.errors import StreamqError
-from streamq.io.atomic import fsync_dir, temporary_name
+from streamq.io.atomic import fsync_dir, pwrite_tensor, temporary_name, write_error
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -93,18 +92,11 @@ class ActivationWriter:
         spec = self.spec
         if values.shape[1:] != (spec.seq_len, spec.hidden) or values.dtype != spec.torch_dtype:
             raise ValueError(f"activations {tuple(values.shape)} {values.dtype} do not match {spec}")
-        data = values.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy()
-        view, offset, done = memoryview(data), first * spec.sample_bytes, 0
         try:
-            while done < len(view):
-                done += os.pwrite(self._fd, view[done:], offset + done)
+            pwrite_tensor(self._fd, values, first * spec.sample_bytes)
         except OSError as exc:
             self.abort()
-            what = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
-            raise StreamqError(
-                f"{self.path}: cannot write activations ({what}); free space on {self.path.parent} and rerun to "
-                "resume from the last finished block"
-            ) from None
+            raise write_error(self.path, exc) from None
 
     def commit(self) -> None:
         os.fsync(self._fd)

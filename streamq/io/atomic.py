@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+import torch
+
 from streamq.errors import StreamqError
 
 
@@ -52,3 +54,12 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def pwrite_tensor(fd: int, tensor: torch.Tensor, offset: int) -> int:
+    """Write ``tensor``'s bytes at ``offset`` of the open file ``fd`` (retrying short writes); the bytes written."""
+    data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+    return done

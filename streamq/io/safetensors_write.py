@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from streamq.distributed import Dist
-from streamq.io.atomic import atomic_file, fsync_dir, temporary_name, write_error
+from streamq.io.atomic import atomic_file, fsync_dir, pwrite_tensor, temporary_name, write_error
 from streamq.io.safetensors_stream import DTYPE_NAMES
 
 
@@ -91,7 +91,9 @@ def write_safetensors_together(
             offset = len(header)
             for spec in specs:
                 if owns(spec):
-                    _pwrite_tensor(fd, spec, produce(spec), offset)
+                    at = offset
+                    for chunk in produce(spec):
+                        at += pwrite_tensor(fd, chunk, at)
                 offset += spec.nbytes
             os.fsync(fd)
         finally:
@@ -104,15 +106,6 @@ def write_safetensors_together(
         tmp.unlink(missing_ok=True)
         raise write_error(path, exc) from None
     dist.barrier()
-
-
-def _pwrite_tensor(fd: int, spec: TensorSpec, chunks: Iterable[torch.Tensor], offset: int) -> None:
-    for chunk in chunks:
-        data = memoryview(chunk.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
-        done = 0
-        while done < len(data):
-            done += os.pwrite(fd, data[done:], offset + done)
-        offset += len(data)
 
 
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> int:
