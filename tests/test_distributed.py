@@ -92,3 +92,40 @@ def test_awq_with_every_linear_in_scope_is_the_same_on_two_processes(tiny_checkp
     two = streamq_run(tiny_checkpoint, tmp_path / "two", 2, extra=extra)
     assert two.returncode == 0, two.stderr[-3000:]
     assert model_files(tmp_path / "two") == model_files(tmp_path / "one")
+
+
+# Four processes: the micro-batch must hold a multiple of 4 sequences for every process count compared (it decides
+# which sequences meet in a sum), so these runs use a token budget of 4 sequences.
+FOUR = ("--token-budget", "128")
+
+
+@pytest.fixture(scope="module")
+def single_four(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("single4") / "out"
+    done = streamq_run(tiny_checkpoint, out, 1, extra=FOUR)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_four_processes_write_the_bytes_of_one(tiny_checkpoint: Path, single_four: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = streamq_run(tiny_checkpoint, out, 4, extra=FOUR)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert model_files(out) == model_files(single_four)
+    assert report(out) == report(single_four)
+    events = [json.loads(line) for line in (out / EVENTS_FILENAME).read_text().splitlines()]
+    assert {e["rank"] for e in events if e["event"] == "experts"} == {0, 1, 2, 3}
+
+
+@pytest.mark.slow
+def test_a_killed_last_rank_of_four_resumes_to_the_same_bytes(
+    tiny_checkpoint: Path, single_four: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    killed = streamq_run(tiny_checkpoint, out, 4, crash="write:3@3", extra=FOUR)  # rank 3, writing a MoE shard
+    assert killed.returncode != 0
+    assert not (out / "config.json").exists()
+    resumed = streamq_run(tiny_checkpoint, out, 4, extra=FOUR)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert model_files(out) == model_files(single_four)
