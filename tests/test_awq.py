@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamq.calibrate import linear_groups
 from streamq.data import DataConfig
+from streamq.groups import linear_groups
 from streamq.io.safetensors_stream import CheckpointReader
 from streamq.model.deepseek import forward_blocks, load_block, rope_cos_sin
 from streamq.pipeline import RunOptions, run

@@ -14,8 +14,9 @@ import torch
 
 from streamq.data import DataConfig
 from streamq.errors import StreamqError
-from streamq.pipeline import REPORT_NAME, RunOptions, run
+from streamq.pipeline import RunOptions, run
 from streamq.recipe import Recipe
+from streamq.report import REPORT_NAME
 from streamq.resume import MANIFEST_NAME
 from streamq.tui import EVENTS_FILENAME, Reporter
 
