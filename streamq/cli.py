@@ -98,6 +98,7 @@ def run(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     dtype: Annotated[str, typer.Option(help="Compute dtype: bfloat16 or float32.")] = "bfloat16",
     token_budget: Annotated[int, typer.Option(min=1, help="Tokens per forward micro-batch.")] = 32768,
+    memory_budget_gb: Annotated[float | None, typer.Option(help="GB for Hessians + solver (auto).")] = None,
     hessian_budget_gb: Annotated[float | None, typer.Option(help="GB of expert Hessians per pass (auto).")] = None,
     display: Annotated[str, typer.Option(help="auto, rich, plain or none.")] = "auto",
     gpus: Annotated[
@@ -142,6 +143,7 @@ def run(
         device=device,
         dtype=dtype,
         token_budget=token_budget,
+        memory_budget=None if memory_budget_gb is None else int(memory_budget_gb * 2**30),
         hessian_budget=None if hessian_budget_gb is None else int(hessian_budget_gb * 2**30),
     )
     dist, rank_device = distributed.from_environment(device)

@@ -14,14 +14,15 @@ non-expert solves, the manifest, the report). The output is the same, byte for b
 from __future__ import annotations
 
 import hashlib
-import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from streamq.block_shard import write_block_shard
 from streamq.block_solve import Calibration, calibrate_and_solve
 from streamq.data import load_token_batches
 from streamq.distributed import SINGLE, Dist
@@ -35,7 +36,6 @@ from streamq.export.checkpoint import (
     write_index,
     write_shard,
 )
-from streamq.export.compressed_tensors import packed_layout
 from streamq.forward import (
     BlockInputs,
     batch_samples,
@@ -69,7 +69,6 @@ from streamq.solvers.gptq import SolveOptions
 from streamq.tui import Reporter
 
 HEAD = "head"
-_EXPERT_TENSOR = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -192,7 +191,8 @@ def _quantize_block(ctx: _Run, layer: int) -> None:
     solved = _solve_block(ctx, block, groups, inputs, report) if every else Solved()
     _share_dense_weights(block, groups, solved, dist)
     with clock("write"):
-        _write_block(ctx, layer, solved, block)
+        shard = ctx.output.path / shard_name(1 + layer, ctx.output.manifest.total_shards)
+        write_block_shard(shard, ctx.reader, layer, ctx.recipe, solved, block, dist, _crash_write)
     with clock("propagate"):
         writer = ActivationWriter(output.activation_path(layer + 1, dist), local_spec(spec, dist))
         first = propagate(block, inputs, writer, ctx.dtype, dist, experts)
@@ -214,7 +214,7 @@ def _solve_block(
         recipe.solver,
         solve_options,
         ctx.memory.solve_batch,
-        _on_fallback(ctx.reporter, layer),
+        partial(ctx.reporter.fallback, layer),
     )
     mine = [g for g in groups if g.expert is not None or dist.main]
     method = make_method(recipe.method, solver, solved, block, dist, lambda: _block_awq(ctx, block, layer, mine))
@@ -238,13 +238,6 @@ def _solve_block(
     return solved
 
 
-def _on_fallback(reporter: Reporter, layer: int):
-    def on_fallback(name: str, reason: str) -> None:
-        reporter.fallback(layer, name, reason)
-
-    return on_fallback
-
-
 def _block_awq(ctx: _Run, block: Block, layer: int, mine: list[LinearGroup]) -> BlockAWQ:
     reader = ctx.reader
     prefix = reader.layer_prefix(layer)
@@ -264,37 +257,6 @@ def _share_dense_weights(block: Block, groups: Sequence[LinearGroup], solved: So
         if weight is None:
             weight = torch.empty_like(modules[member].weight, dtype=torch.float32)
         modules[member].weight.data = dist.broadcast(weight.float().contiguous()).to(modules[member].weight.dtype)
-
-
-def _write_block(ctx: _Run, layer: int, solved: Solved, block: Block) -> None:
-    """The block's shard: this rank writes its experts (and rank 0 everything else) into one shared file."""
-    reader, recipe, dist = ctx.reader, ctx.recipe, ctx.dist
-    prefix = reader.layer_prefix(layer)
-    members = [m for g in linear_groups(reader.config, layer, recipe) for m in g.members]
-    quantized = {
-        prefix + m: packed_layout(
-            *reader.info(f"{prefix}{m}.weight").shape, recipe.scheme, recipe.scheme.scale_torch_dtype
-        )
-        for m in members
-    }
-    packed = {prefix + module: tensors for module, tensors in solved.packed.items()}
-    keep_fp8 = recipe.unquantized == "fp8" and bool(reader.config.fp8_block)
-    params = dict(block.named_parameters())
-    overrides = {
-        prefix + name: params[name].data.to(stored_dtype(reader, prefix + name)).cpu()
-        for name in solved.changed
-        if prefix + name.removesuffix(".weight") not in quantized and not params[name].is_meta
-    }
-    plan = plan_tensors(reader, reader.names(prefix), quantized, packed, keep_fp8, overrides=overrides)
-    n = reader.config.n_routed_experts
-
-    def owner(name: str) -> int:
-        match = _EXPERT_TENSOR.match(name)
-        return dist.owner(int(match[1]), n) if match else 0
-
-    write_shard(
-        ctx.output.path / shard_name(1 + layer, ctx.output.manifest.total_shards), plan, _crash_write, dist, owner
-    )
 
 
 def _finish_block(ctx: _Run, layer: int, report: BlockReport) -> None:
