@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 from dataclasses import dataclass
 
 import torch
+
+from streamq.io.safetensors_stream import SCALE_SUFFIX, CheckpointReader
 
 # Of the budget: 3/8 for the Hessians of one calibration pass, 5/8 for the solver (the shares the two used to
 # take of free GPU memory on their own: 30% and 50%).
@@ -19,8 +22,9 @@ HESSIAN_SHARE = 0.375
 # On a GPU, the budget is this share of the memory free at the start of the run (the rest: the block's weights,
 # a micro-batch's activations, the allocator's slack).
 CUDA_FREE_SHARE = 0.8
-# On the CPU the Hessians and the solver workspace are host memory, which must stay about one block.
-CPU_BUDGET = 6 << 30
+# On the CPU the Hessians and the solver workspace are host memory, which must stay about one block: the budget
+# is this many times the largest block's bf16 size (Hessians 3/4 of a block, at the cost of more passes).
+CPU_BLOCKS = 2
 GIB = 1 << 30
 
 
@@ -42,12 +46,16 @@ class MemoryPlan:
 
 
 def plan_memory(
-    device: torch.device, budget: int | None = None, hessian_bytes: int | None = None, solve_batch: int | None = None
+    device: torch.device,
+    block_bytes: int,
+    budget: int | None = None,
+    hessian_bytes: int | None = None,
+    solve_batch: int | None = None,
 ) -> MemoryPlan:
-    """The plan from ``budget`` bytes (None: from the device); ``hessian_bytes`` and ``solve_batch`` override
-    their part of it."""
+    """The plan from ``budget`` bytes (None: from the device, or on the CPU from ``block_bytes``, the largest
+    block's bf16 size); ``hessian_bytes`` and ``solve_batch`` override their part of it."""
     if budget is None:
-        budget = _device_budget(device)
+        budget = _device_budget(device) if device.type == "cuda" else CPU_BLOCKS * block_bytes
     hessians = hessian_bytes if hessian_bytes is not None else int(budget * HESSIAN_SHARE)
     solver = budget - int(budget * HESSIAN_SHARE)
     batch = solve_batch if solve_batch is not None else (32 if device.type == "cuda" else 4)
@@ -55,10 +63,21 @@ def plan_memory(
 
 
 def _device_budget(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * CUDA_FREE_SHARE)
-    return CPU_BUDGET
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * CUDA_FREE_SHARE)
+
+
+def largest_block_bytes(reader: CheckpointReader) -> int:
+    """The largest decoder block's weights in bf16 (FP8 scales left out), from the checkpoint's headers."""
+    sizes = [
+        sum(
+            2 * math.prod(reader.info(n).shape)
+            for n in reader.names(reader.layer_prefix(layer))
+            if not n.endswith(SCALE_SUFFIX)
+        )
+        for layer in range(reader.config.num_hidden_layers)
+    ]
+    return max(sizes, default=0)
 
 
 def release_host_memory() -> None:

@@ -49,7 +49,7 @@ from streamq.forward import (
 from streamq.groups import LinearGroup, linear_groups
 from streamq.io.activations import ActivationReader, ActivationSpec, ActivationWriter, dtype_name
 from streamq.io.safetensors_stream import CheckpointReader
-from streamq.memory import MemoryPlan, plan_memory, release_host_memory
+from streamq.memory import MemoryPlan, largest_block_bytes, plan_memory, release_host_memory
 from streamq.methods import make_method
 from streamq.model.deepseek import Block, MoE, load_block, load_embedding, rope_cos_sin
 from streamq.recipe import Recipe
@@ -69,6 +69,7 @@ from streamq.solvers.gptq import SolveOptions
 from streamq.tui import Reporter
 
 HEAD = "head"
+_CRASH_WRITE = partial(crash_point, "write")  # between tensors of a shard
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,8 @@ def run(
         reporter.warning(f"{out} is already complete; nothing to do")
         return Path(out)
     device = resolve_device(options.device)
-    memory = plan_memory(device, options.memory_budget, options.hessian_budget, options.solve_batch)
+    block_bytes = largest_block_bytes(reader)
+    memory = plan_memory(device, block_bytes, options.memory_budget, options.hessian_budget, options.solve_batch)
     ctx = _Run(
         reader, output, recipe, options, memory, device, getattr(torch, options.dtype), reporter, dist, model_dir
     )
@@ -153,7 +155,7 @@ def _start(ctx: _Run) -> None:
     file = shard_name(0, output.manifest.total_shards)
     if dist.main:
         names = [n for n in reader.names() if not n.startswith("model.layers.")]
-        write_shard(output.path / file, plan_tensors(reader, names, {}, {}, keep_fp8=False), _crash_write)
+        write_shard(output.path / file, plan_tensors(reader, names, {}, {}, keep_fp8=False), _CRASH_WRITE)
     embedding = load_embedding(reader, ctx.device, ctx.dtype)
     writer = ActivationWriter(output.activation_path(0, dist), local_spec(spec, dist))
     per_batch = batch_samples(spec, ctx.options.token_budget, dist)
@@ -165,10 +167,6 @@ def _start(ctx: _Run) -> None:
         output.record_shard(HEAD, file)
     output.start_activations(spec, per_batch)
     output.commit(dist)
-
-
-def _crash_write() -> None:
-    crash_point("write")
 
 
 def _quantize_block(ctx: _Run, layer: int) -> None:
@@ -192,7 +190,7 @@ def _quantize_block(ctx: _Run, layer: int) -> None:
     _share_dense_weights(block, groups, solved, dist)
     with clock("write"):
         shard = ctx.output.path / shard_name(1 + layer, ctx.output.manifest.total_shards)
-        write_block_shard(shard, ctx.reader, layer, ctx.recipe, solved, block, dist, _crash_write)
+        write_block_shard(shard, ctx.reader, layer, ctx.recipe, solved, block, dist, _CRASH_WRITE)
     with clock("propagate"):
         writer = ActivationWriter(output.activation_path(layer + 1, dist), local_spec(spec, dist))
         first = propagate(block, inputs, writer, ctx.dtype, dist, experts)
@@ -285,7 +283,7 @@ def _finish(ctx: _Run) -> None:
             # The MTP layer is not part of the decoder the config describes: bf16, in the ignore list.
             file = shard_name(1 + layer, manifest.total_shards)
             names = reader.names(reader.layer_prefix(layer))
-            write_shard(output.path / file, plan_tensors(reader, names, {}, {}, keep_fp8=False), _crash_write)
+            write_shard(output.path / file, plan_tensors(reader, names, {}, {}, keep_fp8=False), _CRASH_WRITE)
             output.record_shard(key, file)
             output.save()
         write_index(output.path, [r.file for r in manifest.shards.values()])
