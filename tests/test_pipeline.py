@@ -213,7 +213,6 @@ def test_compressed_tensors_decompresses_every_quantized_weight_as_streamq_reads
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
-
     reader = CheckpointReader(reference_out)
     qcfg = json.loads((reference_out / "config.json").read_text())["quantization_config"]
     scheme = QuantizationConfig.model_validate(qcfg).config_groups["group_0"]
