@@ -56,20 +56,13 @@ class GPTQ:
         return None
 
 
-class RTN:
+class RTN(GPTQ):
     """Round to nearest: no statistics, every group solved at the end."""
 
     calibrates = False
-    wants_moe_input = False
-
-    def __init__(self, solver: Solver, solved: Solved) -> None:
-        self.solver, self.solved = solver, solved
 
     def statistics_complete(self, groups: Sequence[LinearGroup], stats: BlockStats) -> None:
         raise AssertionError("RTN collects no statistics")
-
-    def keeps(self, group: LinearGroup) -> bool:
-        return False
 
     def block_complete(self, groups: Sequence[LinearGroup], stats: BlockStats | None) -> None:
         self.solver.solve(groups, None, self.solved)
