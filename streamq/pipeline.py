@@ -215,7 +215,8 @@ def _solve_block(
         partial(ctx.reporter.fallback, layer),
     )
     mine = [g for g in groups if g.expert is not None or dist.main]
-    method = make_method(recipe.method, solver, solved, block, dist, lambda: _block_awq(ctx, block, layer, mine))
+    awq = partial(_block_awq, ctx.reader, recipe, dist, block, layer, mine)
+    method = make_method(recipe.method, solver, solved, block, dist, awq)
     calibration = Calibration(recipe.calibration, recipe.min_tokens, recipe.tie_gate_up, ctx.memory.hessian_bytes, dist)
     moe = block.mlp if isinstance(block.mlp, MoE) else None
 
@@ -236,15 +237,16 @@ def _solve_block(
     return solved
 
 
-def _block_awq(ctx: _Run, block: Block, layer: int, mine: list[LinearGroup]) -> BlockAWQ:
-    reader = ctx.reader
+def _block_awq(
+    reader: CheckpointReader, recipe: Recipe, dist: Dist, block: Block, layer: int, mine: list[LinearGroup]
+) -> BlockAWQ:
     prefix = reader.layer_prefix(layer)
 
     def stored(name: str) -> torch.dtype:
         return stored_dtype(reader, prefix + name)
 
-    sites = fold_sites(reader.config, layer, linear_groups(reader.config, layer, ctx.recipe))
-    return BlockAWQ(block, sites, mine, ctx.recipe.solver, ctx.dist, stored)
+    sites = fold_sites(reader.config, layer, linear_groups(reader.config, layer, recipe))
+    return BlockAWQ(block, sites, mine, recipe.solver, dist, stored)
 
 
 def _share_dense_weights(block: Block, groups: Sequence[LinearGroup], solved: Solved, dist: Dist) -> None:
