@@ -110,8 +110,10 @@ def test_awq_output_loads_in_transformers_and_matches_streamqs_forward(tiny_chec
 
 def test_awq_runs_on_two_chunks_like_on_one(tiny_checkpoint: Path, tmp_path: Path) -> None:
     cfg = CheckpointReader(tiny_checkpoint).config
-    # Half the experts' routed-token Hessians (gate/up + down, float32) fit the budget: two passes per MoE block.
+    # All the experts' routed-token Hessians (gate/up + down, float32), or half of them, fit the budget: one or
+    # two passes per MoE block.
     per_expert = 4 * (cfg.hidden_size**2 + cfg.moe_intermediate_size**2)
+    one_chunk = replace(OPTIONS, hessian_budget=per_expert * cfg.n_routed_experts)
     two_chunks = replace(OPTIONS, hessian_budget=per_expert * cfg.n_routed_experts // 2)
 
     def shards(out: Path, options: RunOptions) -> tuple[dict[str, bytes], set[int]]:
@@ -122,7 +124,7 @@ def test_awq_runs_on_two_chunks_like_on_one(tiny_checkpoint: Path, tmp_path: Pat
         passes = {e["steps"] for e in stages if e.get("stage") == "calibrate" and "steps" in e}
         return {p.name: p.read_bytes() for p in out.glob("model-*.safetensors")}, passes
 
-    one, one_passes = shards(tmp_path / "one", OPTIONS)
+    one, one_passes = shards(tmp_path / "one", one_chunk)
     two, two_passes = shards(tmp_path / "two", two_chunks)
     assert (one_passes, two_passes) == ({1}, {2})
     assert one == two
