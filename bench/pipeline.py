@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from streamq.pipeline import REPORT_NAME
+from streamq.report import REPORT_NAME
 from streamq.synth import SynthOptions, write_synthetic_checkpoint
 
 STAGES = ("load", "calibrate", "solve", "write", "propagate")

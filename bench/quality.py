@@ -22,8 +22,9 @@ from pathlib import Path
 from streamq.config import ModelConfig
 from streamq.data import DataConfig
 from streamq.evaluate import EvalOptions, evaluate
-from streamq.pipeline import REPORT_NAME, RunOptions, run
+from streamq.pipeline import RunOptions, run
 from streamq.recipe import Recipe
+from streamq.report import REPORT_NAME
 from streamq.solvers.scheme import QuantScheme, SolverConfig
 from streamq.tui import Reporter
 

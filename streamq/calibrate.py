@@ -1,7 +1,7 @@
 """Hessians of a block's Linears from calibration activations.
 
-A Linear's GPTQ Hessian is the mean of x xᵀ over the inputs x it sees. Linears that read the same input share
-one Hessian and are solved together, rows stacked: gate and up of an MLP, q_a and kv_a of the attention.
+A Linear's GPTQ Hessian is the mean of x xᵀ over the inputs x it sees; Linears that read the same input share
+one (see groups.py).
 
 Routed experts get their Hessians by calibration mode:
   * routed: the tokens the router sends the expert (what the expert sees in inference);
@@ -11,8 +11,7 @@ Routed experts get their Hessians by calibration mode:
 In every mode the block's output, and so the activations handed to the next block, follow the real top-k routing:
 the extra tokens only reach the Hessians.
 
-Routed experts' Hessians are large (256 × 7168² floats per DeepSeek-V3 layer = 52 GB), so they are accumulated a
-chunk of experts at a time, one pass over the activations each, within a memory budget. Everything is computed from
+Routed experts' Hessians are accumulated a chunk of experts at a time (see passes.py). Everything is computed from
 the unquantized block, so the result does not depend on the chunking.
 """
 
@@ -26,56 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from streamq.config import ModelConfig
+from streamq.groups import MOE_INPUT, LinearGroup, Role
 from streamq.model.deepseek import MLP, Block, MoE
-from streamq.recipe import Recipe
-
-MOE_INPUT = "mlp.input"  # the Hessian of the MoE input: every routed expert's gate/up in "all" mode
-
-
-@dataclass(frozen=True)
-class LinearGroup:
-    """Linears of one block that share an input, hence a Hessian; ``expert`` is set for routed experts."""
-
-    key: str
-    members: tuple[str, ...]
-    expert: int | None = None
-
-
-def linear_groups(cfg: ModelConfig, layer: int, recipe: Recipe) -> list[LinearGroup]:
-    """The block's Linears that the recipe quantizes, grouped by shared input."""
-    groups: list[LinearGroup] = []
-    tie = recipe.tie_gate_up
-    if recipe.scope == "all":
-        first = ("self_attn.q_a_proj" if cfg.q_lora_rank else "self_attn.q_proj", "self_attn.kv_a_proj_with_mqa")
-        groups += _shared_input(first[0], first, tie)
-        if cfg.q_lora_rank:
-            groups.append(LinearGroup("self_attn.q_b_proj", ("self_attn.q_b_proj",)))
-        groups += [
-            LinearGroup("self_attn.kv_b_proj", ("self_attn.kv_b_proj",)),
-            LinearGroup("self_attn.o_proj", ("self_attn.o_proj",)),
-        ]
-        mlp = "mlp.shared_experts" if cfg.is_moe_layer(layer) else "mlp"
-        if not cfg.is_moe_layer(layer) or cfg.n_shared_experts:
-            groups += _mlp_groups(mlp, tie)
-    if cfg.is_moe_layer(layer):
-        for e in range(cfg.n_routed_experts):
-            groups += _mlp_groups(f"mlp.experts.{e}", tie, expert=e)
-    return groups
-
-
-def _shared_input(key: str, members: tuple[str, ...], tie: bool, expert: int | None = None) -> list[LinearGroup]:
-    if tie:
-        return [LinearGroup(key, members, expert)]
-    return [LinearGroup(m, (m,), expert) for m in members]
-
-
-def _mlp_groups(prefix: str, tie: bool, expert: int | None = None) -> list[LinearGroup]:
-    gate_up = (f"{prefix}.gate_proj", f"{prefix}.up_proj")
-    return [
-        *_shared_input(f"{prefix}.gate_up", gate_up, tie, expert),
-        LinearGroup(f"{prefix}.down_proj", (f"{prefix}.down_proj",), expert),
-    ]
+from streamq.passes import PassPlan
 
 
 class Hessians:
@@ -104,53 +56,6 @@ class Hessians:
 
     def pop(self, key: str) -> None:
         self.sums.pop(key, None)
-
-
-@dataclass(frozen=True)
-class ExpertPass:
-    """One pass over the activations: Hessians for these routed experts, from their routed tokens or from all."""
-
-    routed: tuple[int, ...]
-    all_tokens: tuple[int, ...]
-    dense_hooks: bool = False  # also the attention / shared-expert / dense-MLP groups (first pass only)
-
-
-@dataclass
-class RoutingStats:
-    tokens_per_expert: torch.Tensor  # routed tokens, int64 [E]
-    total_tokens: int = 0
-
-
-@dataclass
-class BlockCalibration:
-    hessians: Hessians = field(default_factory=Hessians)
-    routing: RoutingStats | None = None
-
-
-def plan_passes(
-    num_experts: int,
-    all_token_experts: set[int],
-    bytes_routed: int,
-    bytes_all: int,
-    budget: int,
-    dense_groups: bool,
-) -> list[ExpertPass]:
-    """Chunks of experts whose Hessians fit ``budget`` bytes together; the first pass also takes the
-    non-expert groups."""
-    passes: list[ExpertPass] = []
-    routed: list[int] = []
-    everyone: list[int] = []
-    used = 0
-    for e in range(num_experts):
-        cost = bytes_all if e in all_token_experts else bytes_routed
-        if (routed or everyone) and used + cost > budget:
-            passes.append(ExpertPass(tuple(routed), tuple(everyone), dense_groups and not passes))
-            routed, everyone, used = [], [], 0
-        (everyone if e in all_token_experts else routed).append(e)
-        used += cost
-    if routed or everyone or not passes:
-        passes.append(ExpertPass(tuple(routed), tuple(everyone), dense_groups and not passes))
-    return passes
 
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -202,7 +107,7 @@ def expert_down_input(expert: MLP, x: torch.Tensor) -> torch.Tensor:
 
 
 def accumulate_experts(
-    moe: MoE, x: torch.Tensor, indices: torch.Tensor, spec: ExpertPass, hessians: Hessians, tie: bool
+    moe: MoE, x: torch.Tensor, indices: torch.Tensor, spec: PassPlan, hessians: Hessians, tie: bool
 ) -> None:
     """Add one micro-batch ``x`` [tokens, hidden] with routing ``indices`` to the pass's expert Hessians."""
     for e in spec.routed:
@@ -230,31 +135,36 @@ def count_routes(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return indices, torch.bincount(indices.flatten(), minlength=len(moe.experts))
 
 
+@dataclass
+class Accumulators:
+    """Where a calibration pass adds what it sees. With several processes each rank sees a slice of every
+    micro-batch: ``gather`` reassembles it in rank order (every rank calls it), so every rank accumulates exactly
+    what one process would; ``keep_dense`` says whether this rank keeps the non-expert Hessians (their solve
+    happens on one rank)."""
+
+    hessians: Hessians = field(default_factory=Hessians)
+    counts: torch.Tensor | None = None  # routed tokens per expert, int64 [E]
+    dense_groups: Sequence[LinearGroup] = ()
+    tie: bool = True  # gate and up share one Hessian
+    gather: Gather = _identity
+    keep_dense: bool = True
+
+
 def calibration_pass(
     block: Block,
     batches: Iterable[torch.Tensor],
     cos: torch.Tensor,
     sin: torch.Tensor,
-    expert_pass: ExpertPass,
-    dense_groups: Sequence[LinearGroup],
-    hessians: Hessians,
-    counts: torch.Tensor | None,
-    tie: bool,
-    moe_input: bool,
-    gather: Gather = _identity,
-    keep_dense: bool = True,
+    plan: PassPlan,
+    into: Accumulators,
 ) -> None:
     """One pass over the micro-batches ``batches`` ([n, seq, hidden] on the block's device): the expert Hessians
-    of ``expert_pass``, the non-expert ones when it says so, routed-token ``counts`` and the MoE input Hessian
-    (``moe_input``) when asked. The block's weights and outputs are not touched.
-
-    With several processes, ``batches`` are this rank's slices and ``gather`` reassembles micro-batches in rank
-    order, so every rank accumulates exactly what one process would; ``keep_dense`` says whether this rank keeps
-    the non-expert Hessians (their solve happens on one rank)."""
+    of ``plan``, and the non-expert Hessians, routed-token counts and MoE input Hessian when it says so. The
+    block's weights and outputs are not touched."""
     moe = block.mlp if isinstance(block.mlp, MoE) else None
-    hooked = dense_groups if expert_pass.dense_hooks else []
+    hooked = into.dense_groups if plan.dense_hooks else []
     for x in batches:
-        with input_hooks(block, hooked, hessians, gather, keep_dense):
+        with input_hooks(block, hooked, into.hessians, into.gather, into.keep_dense):
             local = mlp_input(block, x, cos, sin)
             if moe is None:
                 if hooked:
@@ -262,18 +172,32 @@ def calibration_pass(
                 continue
             if hooked and moe.shared_experts is not None:
                 moe.shared_experts(local)
-        m = gather(local)
+        m = into.gather(local)
         indices, batch_counts = count_routes(moe, m)
-        if counts is not None:
-            counts += batch_counts
-        if moe_input:
-            hessians.add(MOE_INPUT, m)
-        accumulate_experts(moe, m, indices, expert_pass, hessians, tie)
+        if plan.count_routes and into.counts is not None:
+            into.counts += batch_counts
+        if plan.moe_input:
+            into.hessians.add(MOE_INPUT, m)
+        accumulate_experts(moe, m, indices, plan, into.hessians, into.tie)
 
 
 def expert_hessian(
     hessians: Hessians, group: LinearGroup, all_tokens: bool, dim: int, device: torch.device
 ) -> torch.Tensor:
     """The Hessian a routed expert's group is solved with: in all-token mode gate/up read the MoE input."""
-    key = MOE_INPUT if all_tokens and not group.key.endswith("down_proj") else group.key
+    key = MOE_INPUT if all_tokens and group.role is Role.MLP_INPUT else group.key
     return hessians.mean(key, dim, device)
+
+
+@dataclass
+class BlockStats:
+    """A block's statistics collected so far, and the Hessian each of its groups is solved with."""
+
+    into: Accumulators
+    all_tokens: set[int]  # routed experts whose Hessians see every token
+    dims: dict[str, int]  # input features by group key
+    device: torch.device
+
+    def hessian(self, group: LinearGroup) -> torch.Tensor:
+        all_tokens = group.expert in self.all_tokens
+        return expert_hessian(self.into.hessians, group, all_tokens, self.dims[group.key], self.device)

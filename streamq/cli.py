@@ -6,11 +6,15 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from streamq.errors import StreamqError
+
+if TYPE_CHECKING:
+    from streamq.pipeline import RunOptions
+    from streamq.recipe import Recipe
 
 app = typer.Typer(
     name="streamq",
@@ -65,6 +69,7 @@ def synth(
 
 @app.command()
 def run(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Checkpoint directory or Hugging Face repo id (DeepSeek-V3 layout).")],
     out: Annotated[Path, typer.Argument(help="Output directory; rerun the same command to resume.")],
     recipe_file: Annotated[
@@ -98,6 +103,7 @@ def run(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     dtype: Annotated[str, typer.Option(help="Compute dtype: bfloat16 or float32.")] = "bfloat16",
     token_budget: Annotated[int, typer.Option(min=1, help="Tokens per forward micro-batch.")] = 32768,
+    memory_budget_gb: Annotated[float | None, typer.Option(help="GB for Hessians + solver (auto).")] = None,
     hessian_budget_gb: Annotated[float | None, typer.Option(help="GB of expert Hessians per pass (auto).")] = None,
     display: Annotated[str, typer.Option(help="auto, rich, plain or none.")] = "auto",
     gpus: Annotated[
@@ -107,44 +113,64 @@ def run(
 ) -> None:
     """Quantize MODEL into OUT (compressed-tensors), one block at a time; resumable."""
     from streamq import distributed
-    from streamq.io.hub import resolve_model
-    from streamq.pipeline import RunOptions
-    from streamq.pipeline import run as run_pipeline
-    from streamq.recipe import Recipe
-    from streamq.tui import EVENTS_FILENAME, Reporter
 
     if gpus is not None and gpus > 1 and "WORLD_SIZE" not in os.environ:
         sys.exit(distributed.launch(gpus, _without_option(sys.argv[1:], "--gpus")))
-    base = Recipe.load(recipe_file) if recipe_file else Recipe()
-    recipe = build_recipe(
-        base,
-        data=dict(source=dataset, num_samples=num_samples, seq_len=seq_len, seed=seed, chat_template=chat_template),
-        scheme=dict(bits=bits, group_size=group_size, symmetric=sym),
+    recipe = _recipe_from_options(ctx.params)
+    _quantize(model, out, recipe, _run_options(ctx.params), display)
+
+
+def _recipe_from_options(p: dict[str, Any]) -> Recipe:
+    """The recipe ``streamq run``'s options describe: the saved one (--recipe) with the options given replaced."""
+    from streamq.recipe import Recipe
+
+    act_order, observer = p["act_order"], p["observer"]
+    return build_recipe(
+        Recipe.load(p["recipe_file"]) if p["recipe_file"] else Recipe(),
+        data=dict(
+            source=p["dataset"],
+            num_samples=p["num_samples"],
+            seq_len=p["seq_len"],
+            seed=p["seed"],
+            chat_template=p["chat_template"],
+        ),
+        scheme=dict(bits=p["bits"], group_size=p["group_size"], symmetric=p["sym"]),
         solver=dict(
             actorder=None if act_order is None else ("weight" if act_order else "none"),
             observer={"absmax": "minmax"}.get(observer, observer) if observer else None,
-            damp=damp,
+            damp=p["damp"],
         ),
-        top=dict(
-            method=method,
-            scope=scope,
-            calibration=calibration,
-            min_tokens=min_tokens,
-            tie_gate_up=tie_gate_up,
-            unquantized=unquantized,
-        ),
+        top={k: p[k] for k in ("method", "scope", "calibration", "min_tokens", "tie_gate_up", "unquantized")},
     )
-    if dtype not in ("bfloat16", "float32"):
-        raise StreamqError(f"--dtype {dtype}: choose bfloat16 or float32")
-    if display not in ("auto", "rich", "plain", "none"):
-        raise StreamqError(f"--display {display}: choose auto, rich, plain or none")
-    options = RunOptions(
-        device=device,
-        dtype=dtype,
-        token_budget=token_budget,
-        hessian_budget=None if hessian_budget_gb is None else int(hessian_budget_gb * 2**30),
+
+
+def _run_options(p: dict[str, Any]) -> RunOptions:
+    from streamq.pipeline import RunOptions
+
+    if p["dtype"] not in ("bfloat16", "float32"):
+        raise StreamqError(f"--dtype {p['dtype']}: choose bfloat16 or float32")
+    if p["display"] not in ("auto", "rich", "plain", "none"):
+        raise StreamqError(f"--display {p['display']}: choose auto, rich, plain or none")
+
+    def gib(value: float | None) -> int | None:
+        return None if value is None else int(value * 2**30)
+
+    return RunOptions(
+        device=p["device"],
+        dtype=p["dtype"],
+        token_budget=p["token_budget"],
+        memory_budget=gib(p["memory_budget_gb"]),
+        hessian_budget=gib(p["hessian_budget_gb"]),
     )
-    dist, rank_device = distributed.from_environment(device)
+
+
+def _quantize(model: str, out: Path, recipe: Recipe, options: RunOptions, display: str) -> None:
+    from streamq import distributed
+    from streamq.io.hub import resolve_model
+    from streamq.pipeline import run as run_pipeline
+    from streamq.tui import EVENTS_FILENAME, Reporter
+
+    dist, rank_device = distributed.from_environment(options.device)
     options = replace(options, device=rank_device)
     model_dir = resolve_model(model)
     out.mkdir(parents=True, exist_ok=True)

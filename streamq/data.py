@@ -49,18 +49,16 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import torch
 
+from streamq.data_config import BUILTIN, ChatTemplateMode, DataConfig, Split
 from streamq.errors import StreamqError
 
-Split = Literal["calib", "eval"]
-ChatTemplateMode = Literal["auto", "on", "off"]
 WarnFn = Callable[[str], None]
 
-BUILTIN = "builtin"
 BUILTIN_PATH = Path(__file__).resolve().parent / "assets" / "builtin.txt"
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -98,38 +96,6 @@ HUB_DATASETS: dict[str, HubDataset] = {
     # Educational web pages: {text}, ~2 GB.
     "fineweb-edu": HubDataset("HuggingFaceFW/fineweb-edu", "sample/10BT/000_00000.parquet"),
 }
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """What to tokenize and how much. ``source``: ``builtin``, a name in ``HUB_DATASETS`` or a file path.
-
-    ``chat_template``: ``auto`` applies the tokenizer's template to conversational rows when it has one and
-    otherwise joins their contents as plain text (with a warning); ``on`` makes a missing template an error;
-    ``off`` always joins contents as plain text. Plain-text documents never go through the template.
-    """
-
-    source: str = BUILTIN
-    num_samples: int = 128
-    seq_len: int = 2048
-    seed: int = 0
-    split: Split = "calib"
-    chat_template: ChatTemplateMode = "auto"
-    eval_fraction: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.num_samples < 1 or self.seq_len < 1:
-            raise StreamqError(f"num_samples and seq_len must be >= 1, not {self.num_samples} and {self.seq_len}")
-        if self.split not in ("calib", "eval"):
-            raise StreamqError(f"data split must be 'calib' or 'eval', not {self.split!r}")
-        if self.chat_template not in ("auto", "on", "off"):
-            raise StreamqError(f"chat_template must be 'auto', 'on' or 'off', not {self.chat_template!r}")
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise StreamqError(f"eval_fraction must be between 0 and 1 (exclusive), not {self.eval_fraction}")
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_samples * self.seq_len
 
 
 @dataclass(frozen=True)

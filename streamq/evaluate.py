@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from streamq.config import ModelConfig
 from streamq.data import DataConfig, load_token_batches
 from streamq.errors import StreamqError
+from streamq.forward import BlockInputs, propagate, resolve_device
 from streamq.io.activations import (
     ActivationReader,
     ActivationSpec,
@@ -51,10 +52,10 @@ from streamq.io.activations import (
     microbatches,
     samples_per_batch,
 )
+from streamq.io.atomic import write_atomic
 from streamq.io.safetensors_stream import CheckpointReader
 from streamq.model.deepseek import load_block, load_embedding, load_head, rope_cos_sin
-from streamq.pipeline import resolve_device
-from streamq.resume import MANIFEST_NAME, write_atomic
+from streamq.resume import MANIFEST_NAME
 from streamq.tui import Reporter
 
 Warn = Callable[[str], None]
@@ -375,8 +376,7 @@ def _forward_block(stream: _Stream, layer: int, cos: torch.Tensor, sin: torch.Te
     source = ActivationReader(stream.acts(layer), plan.spec)
     try:
         with _writing(stream.acts(layer + 1), plan.spec) as writer:
-            for first, stop in plan.batches:
-                writer.write(first, block(source.read(first, stop).to(plan.device), cos, sin))
+            propagate(block, BlockInputs(source, plan.batches, cos, sin, plan.device), writer, plan.dtype)
     finally:
         source.close()
     stream.acts(layer).unlink()

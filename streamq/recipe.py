@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from streamq.data import DataConfig
+from streamq.data_config import DataConfig
 from streamq.errors import StreamqError
 from streamq.solvers.scheme import QuantScheme, SolverConfig
 

@@ -24,7 +24,7 @@ from typing import Any
 from streamq.distributed import SINGLE, Dist
 from streamq.errors import StreamqError
 from streamq.io.activations import ActivationSpec
-from streamq.io.atomic import atomic_file
+from streamq.io.atomic import write_atomic
 from streamq.recipe import RECIPE_NAME, Recipe
 
 MANIFEST_NAME = "streamq_manifest.json"
@@ -72,11 +72,6 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    with atomic_file(path, "w") as f:
-        f.write(text)
 
 
 class OutputDir:
@@ -168,6 +163,31 @@ class OutputDir:
         record = ShardRecord(file, shard.stat().st_size, sha256_file(shard))
         self.manifest.shards[key] = record
         return record
+
+    def commit(self, dist: Dist = SINGLE) -> None:
+        """Rank 0 writes the manifest; every rank then continues from what it says."""
+        if dist.main:
+            self.save()
+        dist.barrier()
+        if not dist.main:
+            self.reload()
+
+    def start_activations(self, spec: ActivationSpec, batch_samples: int) -> None:
+        """The embedding's output is saved: block 0 starts from it, in micro-batches of ``batch_samples``."""
+        self.manifest.activation_spec = spec
+        self.manifest.batch_samples = batch_samples
+        self.activations_ready(0)
+
+    def activations_ready(self, layer: int) -> None:
+        """The input of block ``layer`` is saved: a rerun continues from it."""
+        self.manifest.next_layer = layer
+        self.manifest.activations = self.activation_path(layer).name
+
+    def mark_complete(self) -> None:
+        self.manifest.complete = True
+        self.manifest.activations = None
+        self.manifest.ranks = None
+        self.save()
 
     def activation_path(self, layer: int, dist: Dist = SINGLE) -> Path:
         """This rank's share of the activations entering ``layer`` (the whole set with one process)."""

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from streamq.calibrate import LinearGroup
 from streamq.config import ModelConfig
 from streamq.distributed import Dist
+from streamq.groups import MOE_INPUT, LinearGroup, Role
 from streamq.solvers.awq import activation_rms, alphas, quantize_scaled, scales, search_losses, weight_magnitude
 from streamq.solvers.scheme import QuantResult, SolverConfig
 
@@ -39,22 +39,19 @@ class FoldSite:
 
 def fold_sites(cfg: ModelConfig, layer: int, groups: list[LinearGroup]) -> list[FoldSite]:
     """The fold sites of the quantized ``groups`` of block ``layer`` (as ``linear_groups`` makes them)."""
-    keys = {g.key: g for g in groups}
     sites: list[FoldSite] = []
     moe = cfg.is_moe_layer(layer)
-    mlp_readers = [g.key for g in groups if g.key.endswith(("gate_up", "gate_proj", "up_proj"))]
+    mlp_readers = [g.key for g in groups if g.role is Role.MLP_INPUT]
     if mlp_readers:
         compensate = ["mlp.gate"] if moe else []
-        if moe and cfg.n_shared_experts and not any(k.startswith("mlp.shared_experts.") for k in keys):
+        if moe and cfg.n_shared_experts and not any(g.mlp == "mlp.shared_experts" for g in groups):
             compensate += ["mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"]
-        sites.append(FoldSite("mlp.input", tuple(mlp_readers), "post_attention_layernorm", None, tuple(compensate)))
+        sites.append(FoldSite(MOE_INPUT, tuple(mlp_readers), "post_attention_layernorm", None, tuple(compensate)))
     for group in groups:
-        if group.key.endswith("down_proj"):
-            prefix = group.key.removesuffix(".down_proj")
-            sites.append(FoldSite(group.key, (group.key,), f"{prefix}.up_proj", None, (), group.expert))
-    if "self_attn.kv_b_proj" in keys:
-        first = "self_attn.q_a_proj" if cfg.q_lora_rank else "self_attn.q_proj"
-        attention_readers = tuple(k for k in keys if k in (first, "self_attn.kv_a_proj_with_mqa"))
+        if group.role is Role.DOWN:
+            sites.append(FoldSite(group.key, (group.key,), f"{group.mlp}.up_proj", None, (), group.expert))
+    if any(g.role is Role.KV_B for g in groups):
+        attention_readers = tuple(g.key for g in groups if g.role is Role.ATTENTION_INPUT)
         sites.append(FoldSite("attention.input", attention_readers, "input_layernorm"))
         if cfg.q_lora_rank:
             sites.append(FoldSite("self_attn.q_b_proj", ("self_attn.q_b_proj",), "self_attn.q_a_layernorm"))
@@ -117,7 +114,7 @@ class BlockAWQ:
         self.modules = dict(block.named_modules())
         self.mine = {g.key: g for g in mine}
         self.site_of = {c: site for site in sites for c in site.consumers}
-        self.mlp_site = next((site for site in sites if site.key == "mlp.input"), None)
+        self.mlp_site = next((site for site in sites if site.key == MOE_INPUT), None)
         self.losses: dict[str, torch.Tensor] = {}  # the MoE input's grid losses, by reader
         self.mlp_act: torch.Tensor | None = None
         self.mlp_weights = self._reader_magnitude() if self.mlp_site else None

@@ -541,10 +541,14 @@ class Reporter:
             self.state.blocks_skipped += 1
         self._emit("block_skipped", block=block)
 
-    def stage(self, block: int, stage: Stage | str) -> None:
+    def stage(self, block: int, stage: Stage | str, *, step: int | None = None, steps: int | None = None) -> None:
+        """``block`` entered ``stage``; ``step`` of ``steps`` when the stage repeats per expert pass (1-based)."""
         with self._lock:
             self._block(block).stage = stage
-        self._emit("stage", block=block, stage=stage)
+        if steps is None:
+            self._emit("stage", block=block, stage=stage)
+        else:
+            self._emit("stage", block=block, stage=stage, step=step, steps=steps)
 
     def experts(self, block: int, solved: int, total: int, *, rank: int = 0) -> None:
         """``solved`` of the ``total`` experts that ``rank`` owns in ``block`` are done. Rank 0 calls this for

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from streamq.calibrate import linear_groups
 from streamq.data import DataConfig
+from streamq.groups import linear_groups
 from streamq.io.safetensors_stream import CheckpointReader
 from streamq.model.deepseek import forward_blocks, load_block, rope_cos_sin
 from streamq.pipeline import RunOptions, run
@@ -108,12 +109,25 @@ def test_awq_output_loads_in_transformers_and_matches_streamqs_forward(tiny_chec
 
 
 def test_awq_runs_on_two_chunks_like_on_one(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    def shards(out: Path, options: RunOptions) -> dict[str, bytes]:
-        with Reporter(None, display="none") as reporter:
-            run(tiny_checkpoint, out, Recipe(method="awq", data=DATA), options, reporter)
-        return {p.name: p.read_bytes() for p in out.glob("model-*.safetensors")}
+    cfg = CheckpointReader(tiny_checkpoint).config
+    # All the experts' routed-token Hessians (gate/up + down, float32), or half of them, fit the budget: one or
+    # two passes per MoE block.
+    per_expert = 4 * (cfg.hidden_size**2 + cfg.moe_intermediate_size**2)
+    one_chunk = replace(OPTIONS, hessian_budget=per_expert * cfg.n_routed_experts)
+    two_chunks = replace(OPTIONS, hessian_budget=per_expert * cfg.n_routed_experts // 2)
 
-    assert shards(tmp_path / "one", OPTIONS) == shards(tmp_path / "many", replace(OPTIONS, hessian_budget=1))
+    def shards(out: Path, options: RunOptions) -> tuple[dict[str, bytes], set[int]]:
+        events = tmp_path / f"{out.name}.jsonl"
+        with Reporter(events, display="none") as reporter:
+            run(tiny_checkpoint, out, Recipe(method="awq", data=DATA), options, reporter)
+        stages = [json.loads(line) for line in events.read_text().splitlines()]
+        passes = {e["steps"] for e in stages if e.get("stage") == "calibrate" and "steps" in e}
+        return {p.name: p.read_bytes() for p in out.glob("model-*.safetensors")}, passes
+
+    one, one_passes = shards(tmp_path / "one", one_chunk)
+    two, two_passes = shards(tmp_path / "two", two_chunks)
+    assert (one_passes, two_passes) == ({1}, {2})
+    assert one == two
 
 
 def test_awq_refuses_to_keep_the_shared_experts_in_fp8() -> None:

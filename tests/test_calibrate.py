@@ -7,18 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamq.calibrate import (
-    MOE_INPUT,
-    ExpertPass,
-    Hessians,
-    calibration_pass,
-    expert_down_input,
-    linear_groups,
-    mlp_input,
-    plan_passes,
-)
+from streamq.calibrate import Accumulators, Hessians, calibration_pass, expert_down_input, mlp_input
+from streamq.groups import MOE_INPUT, linear_groups
 from streamq.io.safetensors_stream import CheckpointReader
 from streamq.model.deepseek import load_block, rope_cos_sin
+from streamq.passes import PassPlan, plan_passes, with_first
 from streamq.recipe import Recipe
 
 
@@ -37,7 +30,7 @@ def test_routed_pass_sees_exactly_the_routed_tokens(moe_block) -> None:
     xs = [torch.randn(2, 16, cfg.hidden_size, dtype=torch.float64) for _ in range(3)]
     hessians, counts = Hessians(), torch.zeros(cfg.n_routed_experts, dtype=torch.int64)
     experts = tuple(range(cfg.n_routed_experts))
-    calibration_pass(block, xs, cos, sin, ExpertPass(experts, ()), [], hessians, counts, tie=True, moe_input=False)
+    calibration_pass(block, xs, cos, sin, PassPlan(experts, (), count_routes=True), Accumulators(hessians, counts))
 
     m = torch.cat([mlp_input(block, x, cos, sin) for x in xs])
     _, indices = block.mlp.gate(m)
@@ -60,7 +53,7 @@ def test_all_token_pass_feeds_every_expert_and_leaves_the_block_output_alone(moe
     before = [block(x, cos, sin) for x in xs]
     hessians = Hessians()
     experts = tuple(range(cfg.n_routed_experts))
-    calibration_pass(block, xs, cos, sin, ExpertPass((), experts), [], hessians, None, tie=True, moe_input=True)
+    calibration_pass(block, xs, cos, sin, PassPlan((), experts, moe_input=True), Accumulators(hessians))
     tokens = sum(x.shape[0] * x.shape[1] for x in xs)
     assert hessians.count(MOE_INPUT) == tokens
     assert all(hessians.count(f"mlp.experts.{e}.down_proj") == tokens for e in experts)
@@ -75,8 +68,8 @@ def test_non_expert_groups_are_hooked_only_in_the_pass_that_says_so(moe_block) -
     assert {g.key for g in groups} >= {"self_attn.q_a_proj", "self_attn.o_proj", "mlp.shared_experts.gate_up"}
     x = [torch.randn(1, 16, cfg.hidden_size, dtype=torch.float64)]
     off, on = Hessians(), Hessians()
-    calibration_pass(block, x, cos, sin, ExpertPass((), (), False), groups, off, None, True, False)
-    calibration_pass(block, x, cos, sin, ExpertPass((), (), True), groups, on, None, True, False)
+    calibration_pass(block, x, cos, sin, PassPlan((), ()), Accumulators(off, dense_groups=groups))
+    calibration_pass(block, x, cos, sin, PassPlan((), (), dense_hooks=True), Accumulators(on, dense_groups=groups))
     assert not off.sums and {g.key for g in groups} == set(on.sums)
     assert all(on.count(g.key) == 16 for g in groups)
 
@@ -84,7 +77,8 @@ def test_non_expert_groups_are_hooked_only_in_the_pass_that_says_so(moe_block) -
 @pytest.mark.parametrize("budget", [0, 3, 10**12])
 def test_passes_cover_every_expert_once_within_the_budget(budget: int) -> None:
     all_tokens = {1, 4, 5}
-    passes = plan_passes(8, all_tokens, bytes_routed=2, bytes_all=1, budget=budget, dense_groups=True)
+    passes = plan_passes(8, all_tokens, bytes_routed=2, bytes_all=1, budget=budget)
+    passes = with_first(passes, dense_hooks=True, count_routes=True, moe_input=False)
     seen = [e for p in passes for e in (*p.routed, *p.all_tokens)]
     assert sorted(seen) == list(range(8))
     assert all(set(p.all_tokens) <= all_tokens and not set(p.routed) & all_tokens for p in passes)

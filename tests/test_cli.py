@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import TOKENIZER_DIR, needs_shared
 
+from streamq.cli import main
 from streamq.io.safetensors_stream import CheckpointReader
 
 
@@ -47,23 +48,31 @@ def test_synth_copies_the_tokenizer_and_sizes_the_vocabulary(tmp_path: Path) -> 
     assert cfg["num_nextn_predict_layers"] == 0
 
 
-def test_user_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
-    out = streamq("synth", str(tmp_path / "m"), "--preset", "huge")
-    assert out.returncode == 2
-    assert out.stderr.strip() == "error: --preset huge: unknown; choose one of tiny, v3"
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """``streamq ARGS`` in this process, as the console script runs it: exit status and stderr."""
+    monkeypatch.setattr(sys, "argv", ["streamq", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    return exited.value.code, capsys.readouterr().err
 
 
-def test_an_unreachable_hub_model_is_a_clear_error(tmp_path: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    exe = shutil.which("streamq") or str(Path(sys.executable).with_name("streamq"))
-    out = subprocess.run(
-        [exe, "run", "nobody/no-such-model", str(tmp_path / "out")], capture_output=True, text=True, env=env
-    )
-    assert out.returncode == 2
-    assert "nobody/no-such-model: not in the local Hugging Face cache and the Hub is unreachable" in out.stderr
-    assert "Traceback" not in out.stderr
+def test_user_errors_are_one_line_without_traceback(tmp_path: Path, monkeypatch, capsys) -> None:
+    code, err = cli(monkeypatch, capsys, "synth", str(tmp_path / "m"), "--preset", "huge")
+    assert code == 2
+    assert err.strip() == "error: --preset huge: unknown; choose one of tiny, v3"
 
 
-def test_a_missing_model_directory_is_a_clear_error(tmp_path: Path) -> None:
-    out = streamq("run", str(tmp_path / "nowhere"), str(tmp_path / "out"))
-    assert out.returncode == 2 and "no such directory, and not a Hugging Face repo id" in out.stderr
+def test_an_unreachable_hub_model_is_a_clear_error(tmp_path: Path, monkeypatch, capsys) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    code, err = cli(monkeypatch, capsys, "run", "nobody/no-such-model", str(tmp_path / "out"))
+    assert code == 2
+    assert "nobody/no-such-model: not in the local Hugging Face cache and the Hub is unreachable" in err
+    assert "Traceback" not in err
+
+
+def test_a_missing_model_directory_is_a_clear_error(tmp_path: Path, monkeypatch, capsys) -> None:
+    code, err = cli(monkeypatch, capsys, "run", str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    assert code == 2 and "no such directory, and not a Hugging Face repo id" in err

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from streamq.distributed import Dist
-from streamq.pipeline import REPORT_NAME
+from streamq.report import REPORT_NAME
 from streamq.tui import EVENTS_FILENAME
 
 ARGS = ["--num-samples", "8", "--seq-len", "32", "--dtype", "float32", "--device", "cpu", "--token-budget", "64"]

@@ -11,21 +11,19 @@ import torch
 from compressed_tensors.compressors import BaseCompressor, ModelCompressor
 from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, apply_quantization_config
 from compressed_tensors.utils.match import match_name
+from export_helpers import fp8_block_linear, with_prefix
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig, DeepseekV3Config, DeepseekV3ForCausalLM
 from transformers.integrations.compressed_tensors import get_dense_scheme, get_experts_scheme
 
 from streamq.errors import StreamqError
 from streamq.export.compressed_tensors import (
-    fp8_block_linear,
     fp8_passthrough_targets,
     int_targets,
     mtp_ignore,
     pack_linear,
     packed_layout,
     quantization_config,
-    unbatch,
-    with_prefix,
 )
 from streamq.solvers.scheme import QuantResult, QuantScheme, SolverConfig
 
@@ -144,10 +142,10 @@ def test_pack_linear_refuses_what_no_loader_can_read() -> None:
         pack_linear(result, scheme)
 
 
-def test_unbatch_splits_stacked_experts() -> None:
+def test_unbatched_splits_stacked_experts() -> None:
     scheme = QuantScheme(bits=4, group_size=16, symmetric=False)
     weights = torch.randn(3, 8, 32, generator=torch.Generator().manual_seed(5))
-    experts = unbatch(rtn(weights, scheme))
+    experts = rtn(weights, scheme).unbatched()
     assert len(experts) == 3
     for expert, weight in zip(experts, weights, strict=True):
         alone = rtn(weight, scheme)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 import torch
@@ -48,7 +47,7 @@ def _stack(parts: list[QuantResult]) -> QuantResult:
 
 @pytest.mark.parametrize("actorder", ["none", "weight", "group"])
 def test_batched_equals_single_matrix_calls(actorder: str) -> None:
-    w, h = random_problem(3, 24, 96, seed=random.randrange(2**31))
+    w, h = random_problem(3, 24, 96, seed=1001)
     cfg = _cfg(sym=False, actorder=actorder)
     batched = gptq_quantize(w, h, cfg)
     single = _stack([gptq_quantize(w[e], h[e], cfg) for e in range(3)])
@@ -57,7 +56,7 @@ def test_batched_equals_single_matrix_calls(actorder: str) -> None:
 
 
 def test_chunking_to_a_memory_budget_changes_nothing() -> None:
-    w, h = random_problem(3, 16, 64, seed=random.randrange(2**31))
+    w, h = random_problem(3, 16, 64, seed=1002)
     cfg = _cfg(actorder="group")
     whole = gptq_quantize(w, h, cfg)
     one_at_a_time = gptq_quantize(w, h, cfg, SolveOptions(memory_budget=1))
@@ -67,7 +66,7 @@ def test_chunking_to_a_memory_budget_changes_nothing() -> None:
 @pytest.mark.parametrize("actorder", ["none", "weight", "group"])
 def test_tied_gate_up_rows_equal_separate_solves(actorder: str) -> None:
     """Concatenating gate and up rows under one Hessian is exact: GPTQ never mixes rows."""
-    w, h = random_problem(2, 32, 64, seed=random.randrange(2**31))
+    w, h = random_problem(2, 32, 64, seed=1003)
     gate, up = w[:, :12], w[:, 12:]
     cfg = _cfg(gs=32, sym=False, actorder=actorder)
     tied = gptq_quantize(torch.cat([gate, up], dim=1), h, cfg)
@@ -88,7 +87,7 @@ def test_same_algorithm_as_classic_gptq_in_float64(cfg: SolverConfig, form: str)
     """In float64 rounding noise is ~1e-16, so both factor forms must reproduce textbook GPTQ's codes.
     Symmetric groups fitted during the sweep are the exception: when a group's first column holds its
     absmax, that value sits exactly on a rounding tie (compressed-tensors' grid), decided by noise."""
-    seed = random.randrange(2**31)
+    seed = 1004
     w, h = random_problem(2, 16, 96, seed=seed)
     ours = gptq_quantize(w, h, cfg, SolveOptions(dtype=torch.float64, factor=FactorOptions(form=form)))
     ref = _stack([gptq_reference(w[e], h[e], cfg, dtype=torch.float64) for e in range(2)])
@@ -117,7 +116,7 @@ CONFIG_IDS = ["w4g128-weight", "w4g64-asym-group", "w3g32-none", "w2-channel-asy
 def test_error_at_most_classic_gptq_and_below_rtn(cfg: SolverConfig) -> None:
     """Mean over 4 matrices: one rounding flip reshuffles the rest of its row in any float32 GPTQ, which
     moves a single small matrix's error by a percent or two either way (seen: +-2.5% at 32 x 128)."""
-    seed = random.randrange(2**31)
+    seed = 1005
     w, h = random_problem(4, 64, 128, seed=seed)
     ours = hessian_weighted_error(w, gptq_quantize(w, h, cfg).weight, h).mean()
     ref = torch.stack([hessian_weighted_error(w[e], gptq_reference(w[e], h[e], cfg).weight, h[e]) for e in range(4)])
@@ -127,7 +126,7 @@ def test_error_at_most_classic_gptq_and_below_rtn(cfg: SolverConfig) -> None:
 
 
 def test_groups_follow_activation_order_with_g_idx() -> None:
-    w, h = random_problem(2, 8, 128, seed=random.randrange(2**31))
+    w, h = random_problem(2, 8, 128, seed=1006)
     cfg = _cfg(gs=32, actorder="group")
     r = gptq_quantize(w, h, cfg)
     assert r.g_idx is not None and r.g_idx.dtype == torch.int32 and r.g_idx.shape == (2, 128)
@@ -139,7 +138,7 @@ def test_groups_follow_activation_order_with_g_idx() -> None:
 
 
 def test_output_types_and_shapes_follow_the_scheme() -> None:
-    w, h = random_problem(1, 8, 64, seed=random.randrange(2**31))
+    w, h = random_problem(1, 8, 64, seed=1007)
     r = gptq_quantize(w[0].bfloat16(), h[0], _cfg(bits=3, gs=32, sym=False))
     assert r.q.shape == (8, 64) and r.q.dtype == torch.int8
     assert r.scale.shape == (8, 2) and r.scale.dtype == torch.float32
@@ -150,7 +149,7 @@ def test_output_types_and_shapes_follow_the_scheme() -> None:
 
 @pytest.mark.parametrize("form", ["cholesky", "inverse"])
 def test_triton_backend_matches_torch_backend(form: str) -> None:
-    w, h = random_problem(2, 8, 64, seed=random.randrange(2**31), device="cuda" if torch.cuda.is_available() else "cpu")
+    w, h = random_problem(2, 8, 64, seed=1008, device="cuda" if torch.cuda.is_available() else "cpu")
     cfg = _cfg(gs=32, sym=False, actorder="group")
     opts = {"factor": FactorOptions(form=form), "tf32": False}
     tri = gptq_quantize(w, h, cfg, SolveOptions(backend="triton", **opts))

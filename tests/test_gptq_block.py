@@ -7,7 +7,6 @@ imported), so shapes stay tiny; with one, the same tests run the compiled kernel
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 import torch
@@ -41,7 +40,7 @@ def _inputs(seed: int, experts: int, rows: int, cols: int, groups: int, asym: bo
 @pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
 @pytest.mark.parametrize(("rows", "cols", "block_r"), [(40, 24, 32), (17, 32, 64)])
 def test_kernel_matches_reference(babai: bool, asym: bool, rows: int, cols: int, block_r: int) -> None:
-    seed = random.randrange(2**31)
+    seed = 1009
     x = _inputs(seed, experts=2, rows=rows, cols=cols, groups=3, asym=asym)
     outs = {}
     for name, sweep in (("ref", gptq_block_ref), ("triton", gptq_block_triton)):
@@ -66,7 +65,7 @@ def test_kernel_matches_reference(babai: bool, asym: bool, rows: int, cols: int,
 
 
 def test_kernel_writes_only_its_block() -> None:
-    seed = random.randrange(2**31)
+    seed = 1010
     x = _inputs(seed, experts=1, rows=8, cols=16, groups=1, asym=False)
     parent = x["work"]._base  # the wider buffer the block is a view of
     before = parent.clone()
@@ -80,7 +79,7 @@ def test_kernel_writes_only_its_block() -> None:
 
 def test_reference_sweep_is_rtn_without_feedback() -> None:
     """M = 0 leaves nothing to propagate: every column is rounded on its own, d = w - deq."""
-    seed = random.randrange(2**31)
+    seed = 1011
     x = _inputs(seed, experts=2, rows=12, cols=8, groups=1, asym=False)
     work, orig = x["work"].clone(), x["work"].clone()
     codes = torch.empty(2, 12, 8, dtype=torch.int8, device=DEVICE)

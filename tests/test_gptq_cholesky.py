@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -33,7 +31,7 @@ def test_split_tf32_is_exact_and_hi_fits_tf32() -> None:
 @pytest.mark.parametrize("precision", ["fp32", "3xtf32"])
 @pytest.mark.parametrize(("n", "block"), [(96, 32), (100, 48)], ids=["even", "ragged"])
 def test_blocked_upper_factor_matches_the_library(precision: str, n: int, block: int) -> None:
-    seed = random.randrange(2**31)
+    seed = 1012
     h = _damped_hessians(seed, 3, n)
     a = h.clone()
     ok = upper_cholesky_blocked_(a, block, precision)
@@ -47,13 +45,13 @@ def test_blocked_upper_factor_matches_the_library(precision: str, n: int, block:
 
 
 def test_blocked_failure_is_per_matrix() -> None:
-    h = _damped_hessians(random.randrange(2**31), 3, 64)
+    h = _damped_hessians(1013, 3, 64)
     h[1] -= 2 * h[1].diagonal().max() * torch.eye(64, device=DEVICE)  # negative definite
     assert upper_cholesky_blocked_(h, 16, "fp32").tolist() == [True, False, True]
 
 
 def test_solver_gives_the_same_codes_with_either_factorisation() -> None:
-    w, h = random_problem(2, 16, 128, seed=random.randrange(2**31))
+    w, h = random_problem(2, 16, 128, seed=1014)
     cfg = SolverConfig()
     exact = {"dtype": torch.float64}
     library = gptq_quantize(w, h, cfg, SolveOptions(factor=FactorOptions(method="library"), **exact))

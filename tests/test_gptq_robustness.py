@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 import torch
@@ -38,7 +37,7 @@ def _assert_finite(r: QuantResult) -> None:
 
 
 def test_dead_columns_are_zeroed_like_the_reference_and_not_fallbacks() -> None:
-    seed = random.randrange(2**31)
+    seed = 1020
     g = torch.Generator().manual_seed(seed)
     n = 96
     x = heavy_tailed_inputs(4 * n, n, g)
@@ -57,7 +56,7 @@ def test_dead_columns_are_zeroed_like_the_reference_and_not_fallbacks() -> None:
 
 @pytest.mark.parametrize("method", ["library", "blocked"])
 def test_unusable_hessians_fall_back_to_rtn_per_matrix_and_are_counted(method: str) -> None:
-    seed = random.randrange(2**31)
+    seed = 1021
     w, h = random_problem(5, 16, 64, seed=seed)
     h[0, 3, 5] = float("nan")
     h[1] = 0  # an expert no token was routed to
@@ -77,7 +76,7 @@ def test_unusable_hessians_fall_back_to_rtn_per_matrix_and_are_counted(method: s
 @pytest.mark.parametrize("method", ["library", "blocked"])
 def test_slightly_indefinite_hessian_is_rescued_by_more_damping(method: str) -> None:
     """A Hessian accumulated in low precision can lose definiteness by a little: 10x damping fixes it."""
-    seed = random.randrange(2**31)
+    seed = 1022
     w, h = random_problem(1, 16, 64, seed=seed, tokens=32)  # rank 32 < 64: singular
     mean_diag = h[0].diagonal().mean()
     h[0] -= 0.05 * mean_diag * torch.eye(64)  # smallest eigenvalue -0.05 mean(diag), beyond 0.01 damping
@@ -89,7 +88,7 @@ def test_slightly_indefinite_hessian_is_rescued_by_more_damping(method: str) -> 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nonfinite_weights_are_solved_as_zero_and_counted(bad: float) -> None:
-    w, h = random_problem(3, 16, 64, seed=random.randrange(2**31))
+    w, h = random_problem(3, 16, 64, seed=1023)
     zeroed = w.clone()
     zeroed[1, 2, 5] = zeroed[1, 9, 60] = 0
     w[1, 2, 5] = w[1, 9, 60] = bad

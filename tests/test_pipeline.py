@@ -14,8 +14,10 @@ import torch
 
 from streamq.data import DataConfig
 from streamq.errors import StreamqError
-from streamq.pipeline import REPORT_NAME, RunOptions, run
+from streamq.io.safetensors_stream import CheckpointReader
+from streamq.pipeline import RunOptions, run
 from streamq.recipe import Recipe
+from streamq.report import REPORT_NAME
 from streamq.resume import MANIFEST_NAME
 from streamq.tui import EVENTS_FILENAME, Reporter
 
@@ -52,6 +54,22 @@ def test_a_complete_output_has_every_file_and_no_work_directory(reference_out: P
     assert manifest["complete"] is True
     index = json.loads((reference_out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {r["file"] for r in manifest["shards"].values()}
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_only_methods_that_need_statistics_run_calibration_passes(
+    method: str, tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import streamq.block_solve
+
+    passes = []
+    real_pass = streamq.block_solve.calibration_pass
+    monkeypatch.setattr(
+        streamq.block_solve, "calibration_pass", lambda *args: passes.append(args[4]) or real_pass(*args)
+    )
+    quantize(tiny_checkpoint, tmp_path / "out", Recipe(data=DATA, method=method))
+    # RTN needs no statistics: not one pass over the activations (GPTQ makes at least one per MoE block).
+    assert (len(passes) > 0) == (method != "rtn")
 
 
 # -- crash safety ---------------------------------------------------------------------------------------------
@@ -107,9 +125,9 @@ def test_killed_run_resumes_to_identical_bytes(
     assert report_without_times(out) == report_without_times(reference_out)
 
 
-def test_a_different_recipe_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_a_different_recipe_is_refused(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
-    os.environ["STREAMQ_CRASH_AT"] = ""
+    monkeypatch.setenv("STREAMQ_CRASH_AT", "")
     with pytest.raises(StreamqError, match="different recipe"):
         quantize(tiny_checkpoint, out, Recipe(data=DATA, method="rtn"))
         quantize(tiny_checkpoint, out, Recipe(data=DATA, method="gptq"))
@@ -195,8 +213,6 @@ def test_compressed_tensors_decompresses_every_quantized_weight_as_streamq_reads
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
-    from streamq.io.safetensors_stream import CheckpointReader
-
     reader = CheckpointReader(reference_out)
     qcfg = json.loads((reference_out / "config.json").read_text())["quantization_config"]
     scheme = QuantizationConfig.model_validate(qcfg).config_groups["group_0"]
@@ -219,7 +235,6 @@ def test_transformers_loads_the_output_and_matches_streamqs_simulated_forward(
     from transformers import AutoModelForCausalLM
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
-    from streamq.io.safetensors_stream import CheckpointReader
     from streamq.model.deepseek import forward_blocks
 
     if unquantized == "fp8":  # attention, shared experts and dense MLPs keep DeepSeek's FP8 blocks
@@ -257,11 +272,12 @@ layers = range(reader.config.num_hidden_layers)
 names = [[n for n in reader.names(reader.layer_prefix(i)) if not n.endswith("_scale_inv")] for i in layers]
 block_bf16 = max(sum(math.prod(reader.infos[n].shape) * 2 for n in layer) for layer in names)
 del reader
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # streamq, torch and the index imported
 with Reporter(None, display="none") as reporter:
     run(model, out, Recipe(data=DataConfig(num_samples=samples, seq_len=seq_len)),
         RunOptions(device="cpu", dtype="bfloat16", token_budget=budget), reporter)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"peak": peak, "block_bf16": block_bf16, "layers": len(layers)}))
+print(json.dumps({"base": base, "peak": peak, "block_bf16": block_bf16, "layers": len(layers)}))
 """
 
 
@@ -287,5 +303,6 @@ def test_peak_host_memory_stays_about_one_block(tmp_path: Path) -> None:
     stats = json.loads(done.stdout.strip().splitlines()[-1])
     chunk = budget * overrides["hidden_size"] * 2
     assert stats["layers"] >= 8
-    # Holding every block (8 × block) would break this bound; so would keeping the activations in RAM.
-    assert stats["peak"] < 2 * stats["block_bf16"] + chunk + 2**30, stats
+    # Holding every block (8 × block) would break this bound; so would keeping the activations in RAM. Measured
+    # from the RSS after imports, so that the margin is what the run itself may add.
+    assert stats["peak"] - stats["base"] < 3 * stats["block_bf16"] + chunk, stats

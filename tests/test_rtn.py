@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -52,7 +50,7 @@ def test_batch_is_per_matrix() -> None:
 def test_mse_observer_shrinks_the_range_and_never_loses_to_minmax(symmetric: bool) -> None:
     """At 4 bits the best clipping of a Gaussian group is well inside its extremes (seen: 10-20% less
     error, norm 2.4, 128 values); a search that always kept the full range would fail the last line."""
-    seed = random.randrange(2**31)
+    seed = 1024
     groups = torch.randn(64, 128, generator=torch.Generator().manual_seed(seed))
     minmax = SolverConfig(scheme=QuantScheme(bits=4, symmetric=symmetric), observer="minmax")
     mse = SolverConfig(scheme=QuantScheme(bits=4, symmetric=symmetric), observer="mse")

@@ -17,10 +17,10 @@ import torch
 from streamq.config import ModelConfig
 from streamq.distributed import SINGLE, Dist
 from streamq.export.compressed_tensors import fp8_passthrough_targets, mtp_ignore, quantization_config
+from streamq.io.atomic import write_atomic
 from streamq.io.safetensors_stream import INDEX_NAME, SCALE_SUFFIX, CheckpointReader, read_header
 from streamq.io.safetensors_write import TensorSpec, write_safetensors_together
 from streamq.recipe import Recipe
-from streamq.resume import write_atomic
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 SIDE_FILES = (
@@ -33,6 +33,12 @@ SIDE_FILES = (
 )
 
 Producer = Callable[[], torch.Tensor]
+
+
+def stored_dtype(reader: CheckpointReader, name: str) -> torch.dtype:
+    """The dtype a tensor is written in when not quantized: as stored, FP8 dequantized to bf16."""
+    dtype = reader.info(name).dtype
+    return torch.bfloat16 if dtype in FP8_DTYPES else dtype
 
 
 def shard_name(index: int, total: int) -> str:

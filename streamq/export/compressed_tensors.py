@@ -97,31 +97,6 @@ def mtp_ignore(num_hidden_layers: int, num_nextn_predict_layers: int) -> list[st
     return [rf"re:.*layers\.{i}\." for i in range(num_hidden_layers, num_hidden_layers + num_nextn_predict_layers)]
 
 
-def with_prefix(module: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Checkpoint names for the module-relative tensors of one module."""
-    return {f"{module}.{name}": tensor for name, tensor in tensors.items()}
-
-
-def unbatch(result: QuantResult) -> list[QuantResult]:
-    """Split a solver result for a stack of experts [E, out, in] into one result per expert."""
-    if result.q.dim() != 3:
-        raise ValueError(f"unbatch expects codes of shape [E, out, in], got {tuple(result.q.shape)}")
-
-    def pick(tensor: torch.Tensor | None, e: int) -> torch.Tensor | None:
-        return None if tensor is None else tensor[e]
-
-    return [
-        QuantResult(
-            q=result.q[e],
-            scale=result.scale[e],
-            zero_point=pick(result.zero_point, e),
-            g_idx=pick(result.g_idx, e),
-            weight=result.weight[e],
-        )
-        for e in range(result.q.shape[0])
-    ]
-
-
 def pack_linear(
     result: QuantResult, scheme: QuantScheme, scale_dtype: torch.dtype = torch.bfloat16
 ) -> dict[str, torch.Tensor]:
@@ -152,24 +127,6 @@ def packed_layout(
     if not scheme.symmetric:
         layout["weight_zero_point"] = (torch.int32, (-(-out_features * scheme.bits // 32), groups))
     return layout
-
-
-def fp8_block_linear(
-    weight_fp8: torch.Tensor, weight_scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)
-) -> dict[str, torch.Tensor]:
-    """An FP8 Linear kept as shipped, in compressed-tensors' float-quantized block naming."""
-    if weight_fp8.dtype != torch.float8_e4m3fn or weight_fp8.dim() != 2:
-        raise StreamqError(
-            f"FP8 weight is {weight_fp8.dtype} {tuple(weight_fp8.shape)}, expected a 2-D float8_e4m3fn matrix; "
-            "pass DeepSeek's FP8 weight as stored in the checkpoint"
-        )
-    expected = tuple(-(-dim // size) for dim, size in zip(weight_fp8.shape, block, strict=True))
-    if tuple(weight_scale_inv.shape) != expected:
-        raise StreamqError(
-            f"weight_scale_inv has shape {tuple(weight_scale_inv.shape)}, expected {expected} for a "
-            f"{tuple(weight_fp8.shape)} weight in {block[0]}x{block[1]} blocks; check the checkpoint's block size"
-        )
-    return {"weight": weight_fp8, "weight_scale": weight_scale_inv.to(torch.float32)}
 
 
 def quantization_config(
@@ -265,7 +222,7 @@ def _fp8_block_group(targets: list[str], block: tuple[int, int]) -> dict[str, An
 
 def _check_result(result: QuantResult, scheme: QuantScheme) -> None:
     if result.q.dim() != 2:
-        raise ValueError("pack_linear takes one matrix [out, in]; split stacked experts with unbatch first")
+        raise ValueError("pack_linear takes one matrix [out, in]; split stacked experts with QuantResult.unbatched")
     out_features, in_features = result.q.shape
     if scheme.group_size and in_features % scheme.group_size:
         raise StreamqError(

@@ -41,6 +41,11 @@ def atomic_file(path: Path, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
+def write_atomic(path: Path, text: str) -> None:
+    with atomic_file(path, "w") as f:
+        f.write(text)
+
+
 def write_error(path: Path, exc: OSError) -> StreamqError:
     if exc.errno == errno.ENOSPC:
         return StreamqError(f"{path}: disk full while writing; free space on {path.parent} and rerun to resume")

@@ -11,8 +11,6 @@ from typing import Any
 
 import torch
 
-PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
-
 
 def int_bits(config: dict[str, Any]) -> int | None:
     """Bits of the integer weight group of a compressed-tensors quantization_config, if any."""

@@ -17,7 +17,7 @@ import json
 import math
 import mmap
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -188,13 +188,10 @@ class CheckpointReader:
     def layer_prefix(self, layer: int) -> str:
         return f"model.layers.{layer}."
 
-    def nbytes(self, names: Iterable[str]) -> int:
-        return sum(self.infos[n].nbytes for n in names)
-
     # -- reading -----------------------------------------------------------------------------------------------
     def raw(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
         """The tensor exactly as stored."""
-        info = self._info(name)
+        info = self.info(name)
         mapped = self._maps.get(info.file)
         if mapped is None:
             mapped = self._maps[info.file] = _MappedFile(info.file)
@@ -255,7 +252,7 @@ class CheckpointReader:
             out[name[len(prefix) :]] = self.weight(name, device, want)
         return out
 
-    def _info(self, name: str) -> TensorInfo:
+    def info(self, name: str) -> TensorInfo:
         try:
             return self.infos[name]
         except KeyError:

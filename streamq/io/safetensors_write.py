@@ -108,12 +108,6 @@ def write_safetensors_together(
     dist.barrier()
 
 
-def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> int:
-    """Write in-memory tensors (in the mapping's order) atomically."""
-    specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
-    return write_safetensors(path, specs, lambda spec: [tensors[spec.name]], metadata)
-
-
 def _write_tensor(f, spec: TensorSpec, chunks: Iterable[torch.Tensor]) -> None:
     written = 0
     for chunk in chunks:

@@ -260,11 +260,6 @@ def build_module(
     return module.eval().requires_grad_(False)
 
 
-def block_tensor_names(reader: CheckpointReader, layer: int) -> list[str]:
-    prefix = reader.layer_prefix(layer)
-    return [n for n in reader.names(prefix) if not n[len(prefix) :].startswith(MTP_EXTRAS)]
-
-
 def load_block(
     reader: CheckpointReader,
     layer: int,

@@ -15,8 +15,6 @@ ZERO_HESSIAN = "zero_hessian"  # H was all zero (the expert saw no token); RTN
 EXTRA_DAMPING = "extra_damping"  # Cholesky failed at the configured damping and succeeded with more
 NOT_POSITIVE_DEFINITE = "not_positive_definite"  # Cholesky failed up to the damping limit; RTN
 
-REASONS = (NONFINITE_WEIGHT, NONFINITE_HESSIAN, ZERO_HESSIAN, EXTRA_DAMPING, NOT_POSITIVE_DEFINITE)
-
 
 def count(counter: Counter[str], reason: str, mask: torch.Tensor) -> None:
     """Add the number of matrices flagged in ``mask`` (a bool tensor, one entry per matrix) under ``reason``."""

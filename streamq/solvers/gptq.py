@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -100,7 +100,7 @@ def gptq_quantize(
         part = _solve_chunk(w3[lo : lo + step], h3[lo : lo + step], cfg, options, use_triton)
         result = part if step >= experts else _place(result, part, lo, experts)
     assert result is not None
-    return result if batched else _unbatch(result)
+    return result if batched else replace(result.entry(0), fallbacks=result.fallbacks)
 
 
 def experts_per_chunk(out: int, n: int, budget: int, form: FactorForm = "cholesky") -> int:
@@ -317,13 +317,3 @@ def _place(total: QuantResult | None, part: QuantResult, lo: int, experts: int) 
 
 def _batch_like(t: torch.Tensor | None, experts: int) -> torch.Tensor | None:
     return None if t is None else t.new_empty((experts, *t.shape[1:]))
-
-
-def _unbatch(r: QuantResult) -> QuantResult:
-    def first(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t[0]
-
-    return QuantResult(
-        q=r.q[0], scale=r.scale[0], zero_point=first(r.zero_point), g_idx=first(r.g_idx), weight=r.weight[0],
-        fallbacks=r.fallbacks,
-    )  # fmt: skip

@@ -145,16 +145,7 @@ def prepare_hessians(
     for k in range(experts):
         work[k] = torch.eye(n, dtype=dtype, device=h.device) if rtn_list[k] else damped(k)
     method = factor.method if factor.method != "auto" else ("blocked" if h.is_cuda else "library")
-    if method == "blocked":
-        ok = upper_cholesky_blocked_(work, factor.block, factor.precision)
-    elif method == "library":
-        ok = torch.ones(experts, dtype=torch.bool, device=h.device)
-        for k in range(experts):
-            r, info = library_upper_cholesky(work[k])
-            work[k] = r
-            ok[k] = info == 0
-    else:
-        raise ValueError(f"unknown Cholesky method {factor.method!r}")
+    ok = _factor_in_place(work, method, factor)
 
     # A blocked failure may be the TF32 rounding: the library gets the same damping first.
     first_attempt = 0 if method == "blocked" else 1
@@ -174,6 +165,20 @@ def prepare_hessians(
     if perm is not None:
         perm = torch.where(use_rtn.unsqueeze(1), identity, perm)
     return PreparedHessians(feedback=work, perm=perm, dead=dead, use_rtn=use_rtn, form=factor.form, fallbacks=counter)
+
+
+def _factor_in_place(work: torch.Tensor, method: str, factor: FactorOptions) -> torch.Tensor:
+    """Replace each damped Hessian in ``work`` by its upper Cholesky factor; which ones succeeded."""
+    if method == "blocked":
+        return upper_cholesky_blocked_(work, factor.block, factor.precision)
+    if method != "library":
+        raise ValueError(f"unknown Cholesky method {factor.method!r}")
+    ok = torch.ones(work.shape[0], dtype=torch.bool, device=work.device)
+    for k in range(work.shape[0]):
+        r, info = library_upper_cholesky(work[k])
+        work[k] = r
+        ok[k] = info == 0
+    return ok
 
 
 def hessian_weighted_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -80,3 +80,27 @@ class QuantResult:
     g_idx: torch.Tensor | None  # int32, [.., in]; only for actorder="group"
     weight: torch.Tensor  # dequantized weight, [.., out, in], in the input's dtype
     fallbacks: dict[str, int] = field(default_factory=dict)
+
+    def entry(self, index: int) -> QuantResult:
+        """Entry ``index`` of a batched result (its fallbacks stay with the batch)."""
+        return QuantResult(
+            q=self.q[index],
+            scale=self.scale[index],
+            zero_point=None if self.zero_point is None else self.zero_point[index],
+            g_idx=None if self.g_idx is None else self.g_idx[index],
+            weight=self.weight[index],
+        )
+
+    def rows(self, first: int, stop: int) -> QuantResult:
+        """Output rows [first, stop) of one matrix's result (members of a group solved with rows stacked)."""
+        return QuantResult(
+            q=self.q[first:stop],
+            scale=self.scale[first:stop],
+            zero_point=None if self.zero_point is None else self.zero_point[first:stop],
+            g_idx=self.g_idx,
+            weight=self.weight[first:stop],
+        )
+
+    def unbatched(self) -> list[QuantResult]:
+        """Every entry of a batched result."""
+        return [self.entry(i) for i in range(self.q.shape[0])]

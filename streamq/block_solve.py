@@ -1,0 +1,118 @@
+"""Calibrate and solve one block: run the planned passes over its input, hand complete statistics to the method.
+
+A pass collects the Hessians of a chunk of routed experts (and, the first, of the non-expert groups); the method
+solves what a pass completed before the next one starts, so only one chunk's Hessians exist at a time. In
+``hybrid`` mode a first pass counts the routed tokens, since which experts are starved is known only then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from streamq.calibrate import Accumulators, BlockStats, calibration_pass
+from streamq.distributed import Dist
+from streamq.forward import BlockInputs
+from streamq.groups import LinearGroup
+from streamq.methods import Method
+from streamq.model.deepseek import Block, MoE
+from streamq.passes import PassPlan, numbered, plan_passes, same_count, with_first
+from streamq.report import StageClock
+
+OnExperts = Callable[[], None]  # called on every rank after every pass (progress)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How a block's statistics are collected."""
+
+    mode: str  # routed / all / hybrid
+    min_tokens: int  # hybrid: experts routed fewer tokens get all of them
+    tie_gate_up: bool
+    hessian_bytes: int  # expert Hessians per pass
+    dist: Dist
+
+
+def calibrate_and_solve(
+    block: Block,
+    groups: Sequence[LinearGroup],
+    inputs: BlockInputs,
+    calibration: Calibration,
+    method: Method,
+    clock: StageClock,
+    on_experts: OnExperts,
+) -> BlockStats | None:
+    """Feed ``method`` the statistics of ``groups`` (the block's non-expert groups and this rank's experts);
+    returns the statistics (None for a method without calibration)."""
+    dist = calibration.dist
+    mine = [g for g in groups if g.expert is not None or dist.main]
+    if not method.calibrates:
+        with clock("solve"):
+            method.block_complete(mine, None)
+        return None
+    stats = _block_stats(block, groups, calibration, inputs.device)
+    experts = sorted({g.expert for g in groups if g.expert is not None})
+    hybrid = isinstance(block.mlp, MoE) and calibration.mode == "hybrid"
+    if hybrid:
+        counting = PassPlan((), (), dense_hooks=True, count_routes=True, moe_input=True)
+        with clock("calibrate"):
+            calibration_pass(block, inputs.read("calibrate"), inputs.cos, inputs.sin, counting, stats.into)
+        stats.all_tokens = {e for e in experts if stats.into.counts[e].item() < calibration.min_tokens}
+        with clock("solve"):
+            _complete(method, [g for g in mine if g.expert is None], stats)
+    passes = with_first(
+        _plan(block, experts, stats.all_tokens, calibration),
+        dense_hooks=bool(stats.into.dense_groups) and not hybrid,
+        count_routes=not hybrid,
+        moe_input=not hybrid and (calibration.mode == "all" or method.wants_moe_input),
+    )
+    for step, plan in enumerate(passes, 1):
+        with clock("calibrate", step=step, steps=len(passes)):
+            calibration_pass(block, inputs.read("calibrate"), inputs.cos, inputs.sin, plan, stats.into)
+        chosen = [g for g in mine if g.expert in plan.experts or (g.expert is None and plan.dense_hooks)]
+        with clock("solve", step=step, steps=len(passes)):
+            _complete(method, chosen, stats)
+        on_experts()
+    with clock("solve"):
+        method.block_complete(mine, stats)
+    return stats
+
+
+def _block_stats(
+    block: Block, groups: Sequence[LinearGroup], calibration: Calibration, device: torch.device
+) -> BlockStats:
+    modules = dict(block.named_modules())
+    moe = block.mlp if isinstance(block.mlp, MoE) else None
+    into = Accumulators(
+        counts=torch.zeros(len(moe.experts) if moe else 0, dtype=torch.int64, device=device),
+        dense_groups=[g for g in groups if g.expert is None],
+        tie=calibration.tie_gate_up,
+        gather=calibration.dist.gather_rows,
+        keep_dense=calibration.dist.main,
+    )
+    all_tokens = {g.expert for g in groups if g.expert is not None} if calibration.mode == "all" else set()
+    dims = {g.key: modules[g.members[0]].weight.shape[1] for g in groups}
+    return BlockStats(into, all_tokens, dims, device)
+
+
+def _complete(method: Method, groups: Sequence[LinearGroup], stats: BlockStats) -> None:
+    method.statistics_complete(groups, stats)
+    for group in groups:
+        if not method.keeps(group):
+            stats.into.hessians.pop(group.key)
+
+
+def _plan(block: Block, experts: list[int], all_tokens: set[int], calibration: Calibration) -> list[PassPlan]:
+    """Passes over this rank's ``experts`` within the Hessian budget, as many on every rank."""
+    sizes = (0, 0)
+    if experts:
+        assert isinstance(block.mlp, MoE)
+        expert = block.mlp.experts[experts[0]]
+        hidden, inter = expert.gate_proj.in_features, expert.down_proj.in_features
+        # Gate/up + down from routed tokens; down only in all-token mode (gate/up share the MoE input's).
+        sizes = (4 * (hidden * hidden + inter * inter), 4 * inter * inter)
+    indices = {experts.index(e) for e in all_tokens}
+    passes = numbered(plan_passes(len(experts), indices, *sizes, calibration.hessian_bytes), experts)
+    return same_count(passes, calibration.dist)

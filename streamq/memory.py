@@ -1,0 +1,87 @@
+"""One device-memory plan per run: the calibration's Hessians and the solver's workspace share one budget.
+
+The expert Hessians of a calibration pass and the solver's working copies never live at the same time as another
+block's, but they do coexist with the loaded block: the budget is what is left for the two together, split
+between them in a fixed ratio, and the plan is reported at the start of the run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import math
+from dataclasses import dataclass
+
+import torch
+
+from streamq.io.safetensors_stream import SCALE_SUFFIX, CheckpointReader
+
+# Of the budget: 3/8 for the Hessians of one calibration pass, 5/8 for the solver (the shares the two used to
+# take of free GPU memory on their own: 30% and 50%).
+HESSIAN_SHARE = 0.375
+# On a GPU, the budget is this share of the memory free at the start of the run (the rest: the block's weights,
+# a micro-batch's activations, the allocator's slack).
+CUDA_FREE_SHARE = 0.8
+# On the CPU the Hessians and the solver workspace are host memory, which must stay about one block: the budget
+# is this many times the largest block's bf16 size (Hessians 3/4 of a block, at the cost of more passes).
+CPU_BLOCKS = 2
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget: int  # bytes for Hessians and solver together
+    hessian_bytes: int  # expert Hessians held during one calibration pass
+    solver_bytes: int  # the solver's working memory for one batched call
+    solve_batch: int  # experts stacked into one solver call
+
+    def describe(self) -> str:
+        return (
+            f"memory plan: {self.budget / GIB:.1f} GiB = Hessians {self.hessian_bytes / GIB:.1f} GiB per pass + "
+            f"solver {self.solver_bytes / GIB:.1f} GiB, {self.solve_batch} experts per solver call"
+        )
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def plan_memory(
+    device: torch.device,
+    block_bytes: int,
+    budget: int | None = None,
+    hessian_bytes: int | None = None,
+    solve_batch: int | None = None,
+) -> MemoryPlan:
+    """The plan from ``budget`` bytes (None: from the device, or on the CPU from ``block_bytes``, the largest
+    block's bf16 size); ``hessian_bytes`` and ``solve_batch`` override their part of it."""
+    if budget is None:
+        budget = _device_budget(device) if device.type == "cuda" else CPU_BLOCKS * block_bytes
+    hessians = hessian_bytes if hessian_bytes is not None else int(budget * HESSIAN_SHARE)
+    solver = budget - int(budget * HESSIAN_SHARE)
+    batch = solve_batch if solve_batch is not None else (32 if device.type == "cuda" else 4)
+    return MemoryPlan(budget, hessians, solver, batch)
+
+
+def _device_budget(device: torch.device) -> int:
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * CUDA_FREE_SHARE)
+
+
+def largest_block_bytes(reader: CheckpointReader) -> int:
+    """The largest decoder block's weights in bf16 (FP8 scales left out), from the checkpoint's headers."""
+    sizes = [
+        sum(
+            2 * math.prod(reader.info(n).shape)
+            for n in reader.names(reader.layer_prefix(layer))
+            if not n.endswith(SCALE_SUFFIX)
+        )
+        for layer in range(reader.config.num_hidden_layers)
+    ]
+    return max(sizes, default=0)
+
+
+def release_host_memory() -> None:
+    """Hand freed heap memory back to the OS: glibc keeps it otherwise, and a long run's RSS creeps upward."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name and hasattr(ctypes.CDLL(libc_name), "malloc_trim"):
+        ctypes.CDLL(libc_name).malloc_trim(0)

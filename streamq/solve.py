@@ -1,0 +1,108 @@
+"""Solve batching: a block's Linear groups → quantized weights and packed tensors, experts stacked per call.
+
+Groups of the same shape (the routed experts) are stacked into batched solver calls; each solved group's rows are
+packed for the shard and its quantized weight goes into the block (an expert's at once, a non-expert group's
+only after every expert Hessian is collected: it changes every expert's input).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from streamq.export.compressed_tensors import pack_linear
+from streamq.groups import LinearGroup
+from streamq.resume import crash_point
+from streamq.solvers.gptq import SolveOptions, gptq_quantize
+from streamq.solvers.hessian import hessian_weighted_error
+from streamq.solvers.rtn import rtn_quantize
+from streamq.solvers.scheme import QuantResult, SolverConfig
+
+# The Hessian-weighted error costs as much as the solve (out · in² flops in float64): the report samples every
+# ERROR_EVERY-th expert (and every non-expert group), a choice that does not depend on how solves are batched.
+ERROR_EVERY = 8
+
+HessianOf = Callable[[LinearGroup], torch.Tensor]
+OnFallback = Callable[[str, str], None]  # (group or "N experts", reason)
+
+
+@dataclass
+class Solved:
+    """A block's solver output: packed tensors per module, and weights to put in before propagating."""
+
+    packed: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)  # sampled Hessian-weighted errors by group key
+    changed: list[str] = field(default_factory=list)  # unquantized parameters changed by folding AWQ scales
+    fallbacks: dict[str, int] = field(default_factory=dict)
+
+    def experts_done(self) -> int:
+        return len({m.split(".")[2] for m in self.packed if m.startswith("mlp.experts.")})
+
+    def add_fallbacks(self, counts: dict[str, int]) -> None:
+        for reason, n in counts.items():
+            if n:
+                self.fallbacks[reason] = self.fallbacks.get(reason, 0) + n
+
+
+@dataclass(frozen=True)
+class Solver:
+    """What solving needs of the run: the block's modules, the solver's config and options, and where to say so
+    when a matrix needed a fallback."""
+
+    modules: dict[str, nn.Module]
+    config: SolverConfig
+    options: SolveOptions
+    batch: int  # experts per solver call
+    on_fallback: OnFallback
+
+    def solve(self, groups: Sequence[LinearGroup], hessian: HessianOf | None, solved: Solved) -> None:
+        """Solve ``groups`` (GPTQ with ``hessian``, round to nearest without), same shapes stacked."""
+        by_shape: dict[tuple[int, ...], list[LinearGroup]] = {}
+        for group in groups:
+            shape = tuple(self.modules[m].weight.shape[0] for m in group.members)
+            key = (*shape, self.modules[group.members[0]].weight.shape[1], group.expert is None)
+            by_shape.setdefault(key, []).append(group)
+        for same in by_shape.values():
+            step = self.batch if same[0].expert is not None else 1
+            for start in range(0, len(same), step):
+                self._solve_stack(same[start : start + step], hessian, solved)
+
+    def _solve_stack(self, groups: Sequence[LinearGroup], hessian: HessianOf | None, solved: Solved) -> None:
+        weights = torch.stack([torch.cat([self.modules[m].weight for m in g.members]) for g in groups]).float()
+        if hessian is None:
+            result = rtn_quantize(weights, self.config)
+        else:
+            hs = torch.stack([hessian(g) for g in groups])
+            result = gptq_quantize(weights, hs, self.config, self.options)
+            sample = [i for i, g in enumerate(groups) if g.expert is None or g.expert % ERROR_EVERY == 0]
+            if sample:
+                errors = hessian_weighted_error(weights[sample], result.weight[sample], hs[sample]).tolist()
+                solved.errors.update({groups[i].key: err for i, err in zip(sample, errors, strict=True)})
+        crash_point("solve")
+        solved.add_fallbacks(result.fallbacks)
+        for reason, n in result.fallbacks.items():
+            if n:
+                self.on_fallback(groups[0].key if len(groups) == 1 else f"{len(groups)} experts", reason)
+        for i, group in enumerate(groups):
+            self.record(group, result.entry(i), solved)
+
+    def record(self, group: LinearGroup, result: QuantResult, solved: Solved) -> None:
+        """Pack each member's rows of ``result`` (one group's matrix), and put the quantized weights in."""
+        scheme = self.config.scheme
+        row = 0
+        for member in group.members:
+            rows = self.modules[member].weight.shape[0]
+            part = result.rows(row, row + rows)
+            tensors = pack_linear(part, scheme, scheme.scale_torch_dtype)
+            solved.packed[member] = {k: v.cpu() for k, v in tensors.items()}
+            if group.expert is None:
+                # Attention and shared/dense MLP weights change every expert's input: they go in only after
+                # all expert Hessians are collected. An expert's own weights affect nothing else.
+                solved.weights[member] = part.weight
+            else:
+                self.modules[member].weight.data = part.weight.to(self.modules[member].weight.dtype)
+            row += rows
