@@ -1,6 +1,7 @@
 """Synthetic checkpoints in DeepSeek-V3's release layout.
 
-The config uses the release's field names (``rope_scaling`` yarn, ``quantization_config`` fp8 [128, 128], …);
+The config uses the release's field names (``rope_scaling`` yarn, ``quantization_config`` fp8 [128, 128], …),
+or transformers 5's (``rope_parameters``, ``rope_interleave``) with ``SynthOptions(config_style="transformers5")``;
 linear weights are float8 e4m3 with ``weight_scale_inv`` block scales, norms and the router are bf16, the
 router's correction bias float32; the first layers are dense, the rest MoE, and the multi-token-prediction
 layers follow the decoder layers. Tensors are generated and written one row slab at a time, so even the full

@@ -8,6 +8,7 @@ from github.com/vllm-project/vllm:
   vllm/model_executor/layers/fused_moe/router/grouped_topk_router.py @ 055e47c28003156421365af985d676fc921cb075
   vllm/transformers_utils/config.py (config loading through transformers' AutoConfig)
     @ 0036026e7171bd02e3c1d4687b102dec9c446049
+  vllm/model_executor/layers/mla.py @ 00b9b7ad3a37ff624e5816d1b7ae713ecb0a705f (reads no config attribute)
 Outputs come from both config styles of the same synthetic model: DeepSeek's release (rope_scaling, topk_method,
 scoring_func) and transformers 5 (rope_parameters, rope_interleave, neither topk_method nor scoring_func). The
 vLLM arithmetic below (YaRN frequencies and scales, grouped top-k routing) is re-derived from those files, and

@@ -14,6 +14,8 @@ Source of the list (vLLM read at these commits of github.com/vllm-project/vllm, 
 * ``vllm/model_executor/layers/rotary_embedding/deepseek_scaling_rope.py`` @ 00d678e109f09c2d1845e7a6626ba9fd5980e4f0
 * ``vllm/model_executor/layers/fused_moe/router/grouped_topk_router.py`` @ 055e47c28003156421365af985d676fc921cb075
 * ``vllm/transformers_utils/config.py`` @ 0036026e7171bd02e3c1d4687b102dec9c446049 (config loading)
+* ``vllm/model_executor/layers/mla.py`` @ 00b9b7ad3a37ff624e5816d1b7ae713ecb0a705f (takes the sizes above as
+  arguments; reads no config attribute itself)
 
 How vLLM gets the attributes: ``HFConfigParser`` loads config.json with transformers' ``AutoConfig`` (vLLM requires
 transformers >= 5), so every attribute absent from the file takes transformers' ``DeepseekV3Config`` default — which
@@ -85,7 +87,7 @@ def _yarn(value: Callable[[RopeConfig], Any]) -> Derive:
     return lambda cfg, _names: value(cfg.rope) if cfg.rope.kind == "yarn" else ABSENT
 
 
-def bias_name(cfg: ModelConfig, layer: int) -> str:
+def bias_name(layer: int) -> str:
     return f"model.layers.{layer}.mlp.gate.e_score_correction_bias"
 
 
@@ -100,7 +102,7 @@ def topk_method(cfg: ModelConfig, names: frozenset[str]) -> Any:
     layers = moe_layers(cfg)
     if not layers:
         return cfg.raw.get("topk_method", ABSENT)
-    missing = [bias_name(cfg, i) for i in layers if bias_name(cfg, i) not in names]
+    missing = [bias_name(i) for i in layers if bias_name(i) not in names]
     if missing:
         raise StreamqError(
             f"model.safetensors.index.json: {missing[0]} is missing; streamq's router (sigmoid scores + correction "
