@@ -64,6 +64,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 # Fields that must agree for two checkpoints to be the same model at different precisions.
 SAME_MODEL_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "n_routed_experts")
 MODEL, QUANTIZED = "model", "quantized"
+HEAD_STAGE = "final norm + lm_head: logits and scores"
 
 
 class EvalWarning(UserWarning):
@@ -106,12 +107,14 @@ class Comparison:
 @dataclass(frozen=True)
 class EvalResult:
     data: DataConfig
-    tokens: int  # predicted tokens: samples × (seq_len − 1)
+    tokens: int  # scored next-token predictions: sequences × (seq_len − 1)
     dtype: str
     model: ModelScore
     quantized: ModelScore | None = None
     comparison: Comparison | None = None
     seconds: float = 0.0
+    sequences: int = 0  # evaluated sequences, each of seq_len tokens: every block runs on all of them
+    seq_len: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return _json_safe(asdict(self))
@@ -121,7 +124,7 @@ class EvalResult:
 
     def summary(self) -> str:
         """A few human-readable lines for the terminal."""
-        lines = [f"{self.tokens:,} tokens of {self.data.source} (eval split), {self.dtype}"]
+        lines = [f"{self.data.source} (eval split), {self.dtype}: {describe_tokens(self.sequences, self.seq_len)}"]
         for score in (self.model, self.quantized):
             if score is not None:
                 lines.append(f"perplexity {score.perplexity:.4f} (nll {score.nll:.4f})  {score.path}")
@@ -130,8 +133,24 @@ class EvalResult:
             lines.append(
                 f"KL(model ‖ quantized) {c.kl_divergence:.4g} nats/token, top-1 agreement {c.top1_agreement:.4f}"
             )
-            lines.append("layer errors " + " ".join(f"{e:.3g}" for e in c.layer_errors))
+            lines += format_layer_errors(c.layer_errors, self.sequences * self.seq_len)
         return "\n".join(lines)
+
+
+def describe_tokens(sequences: int, seq_len: int) -> str:
+    """What runs and what is scored: the last token of a sequence has no next token in the sample to predict."""
+    return (
+        f"{sequences} sequences × {seq_len} tokens = {sequences * seq_len:,} tokens; scored: "
+        f"{sequences * (seq_len - 1):,} next-token predictions ({seq_len - 1} per sequence)"
+    )
+
+
+def format_layer_errors(errors: Sequence[float], tokens: int, per_line: int = 6) -> list[str]:
+    """One labelled entry per block, a few per line."""
+    width = len(str(max(len(errors) - 1, 0)))
+    entries = [f"block {i:>{width}} {e:.3e}" for i, e in enumerate(errors)]
+    rows = ["  " + "   ".join(entries[i : i + per_line]) for i in range(0, len(entries), per_line)]
+    return [f"output error after each block, ‖h_q − h‖ / ‖h‖ over all {tokens:,} tokens:", *rows]
 
 
 # -- per-token sums: pure functions on one chunk of logits ---------------------------------------------------------
@@ -295,14 +314,16 @@ def evaluate(
             total_blocks=cfg.num_hidden_layers,
             experts_per_block=cfg.n_routed_experts,
             calib_tokens=tokens.numel(),
-            recipe=f"evaluation of {len(readers)} model(s) on {data.source} (eval split)",
+            recipe=f"evaluation of {len(readers)} model(s) on {data.source} (eval split): "
+            + describe_tokens(*tokens.shape),
         )
         with _work_dir(options.work_dir) as work:
             check_disk(work, len(readers) * disk_bytes_needed(plan.spec))
             streams = [_Stream(name, reader, work) for name, reader in zip((MODEL, QUANTIZED), readers, strict=False)]
             layer_errors = _run_blocks(streams, tokens, plan, progress)
             sums = _score(streams, tokens, plan, logits_rows(options.logits_budget, cfg.vocab_size), progress)
-    return _result(data, options.dtype, model_dir, quantized_dir, sums, layer_errors, time.perf_counter() - started)
+    result = _result(data, options.dtype, model_dir, quantized_dir, sums, layer_errors, time.perf_counter() - started)
+    return replace(result, sequences=tokens.shape[0], seq_len=tokens.shape[1])
 
 
 def _warn(message: str) -> None:
@@ -421,8 +442,8 @@ def _reading(streams: Sequence[_Stream], index: int, spec: ActivationSpec) -> It
 def _score(streams: Sequence[_Stream], tokens: torch.Tensor, plan: _Plan, rows: int, progress: Reporter) -> TokenSums:
     """Token sums over the final hidden states, ``rows`` tokens of logits at a time: the only logits that ever
     exist are one chunk's, one per model."""
-    # The head has no block number: it reports as the block after the last.
-    progress.stage(streams[0].reader.config.num_hidden_layers, "logits")
+    # The head has no block of its own: it reports as a stage of the last block, whose output it reads.
+    progress.stage(streams[0].reader.config.num_hidden_layers - 1, HEAD_STAGE)
     heads = [load_head(stream.reader, plan.device, plan.dtype) for stream in streams]
     hidden_size, sums = plan.spec.hidden, TokenSums()
     with _reading(streams, streams[0].reader.config.num_hidden_layers, plan.spec) as finals:

@@ -1,6 +1,7 @@
 """Synthetic checkpoints in DeepSeek-V3's release layout.
 
-The config uses the release's field names (``rope_scaling`` yarn, ``quantization_config`` fp8 [128, 128], …);
+The config uses the release's field names (``rope_scaling`` yarn, ``quantization_config`` fp8 [128, 128], …),
+or transformers 5's (``rope_parameters``, ``rope_interleave``) with ``SynthOptions(config_style="transformers5")``;
 linear weights are float8 e4m3 with ``weight_scale_inv`` block scales, norms and the router are bf16, the
 router's correction bias float32; the first layers are dense, the rest MoE, and the multi-token-prediction
 layers follow the decoder layers. Tensors are generated and written one row slab at a time, so even the full
@@ -16,6 +17,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,6 +26,7 @@ from streamq.io.safetensors_write import TensorSpec, write_safetensors
 from streamq.kernels.fp8_blocks import quantize_fp8_blocks
 
 FP8_BLOCK = (128, 128)
+CONFIG_STYLES = ("release", "transformers5")
 _SLAB_ROWS = 1024  # a multiple of the FP8 block, small enough that a slab of any DeepSeek tensor is < 60 MB
 
 _COMMON = {
@@ -118,6 +121,7 @@ class SynthOptions:
     tokenizer_dir: Path | None = None
     device: str = "cpu"  # where values are generated; "cuda" is much faster at full width
     overrides: dict[str, object] = field(default_factory=dict)  # any config.json field, e.g. for tests
+    config_style: str = "release"  # or "transformers5": the same model, its config.json as transformers 5 saves it
 
 
 def synth_config(opts: SynthOptions) -> dict[str, object]:
@@ -132,6 +136,10 @@ def synth_config(opts: SynthOptions) -> dict[str, object]:
         cfg["n_routed_experts"] = opts.experts
     if not opts.mtp:
         cfg["num_nextn_predict_layers"] = 0
+    if opts.config_style not in CONFIG_STYLES:
+        raise ValueError(f"unknown config style {opts.config_style!r}; choose one of {', '.join(CONFIG_STYLES)}")
+    if opts.config_style == "transformers5":
+        cfg = transformers5_style(cfg)
     cfg.update(opts.overrides)
     if opts.tokenizer_dir is not None:
         cfg["vocab_size"] = max(int(cfg["vocab_size"]), tokenizer_vocab_size(opts.tokenizer_dir))
@@ -142,6 +150,18 @@ def synth_config(opts: SynthOptions) -> dict[str, object]:
         "weight_block_size": list(FP8_BLOCK),
     }
     return cfg
+
+
+def transformers5_style(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` as transformers 5 writes it: the rope in ``rope_parameters`` (theta inside), ``rope_interleave``,
+    and no ``topk_method`` / ``scoring_func`` (its DeepseekV3Config does not declare them)."""
+    legacy = ("rope_scaling", "rope_theta", "topk_method", "scoring_func")
+    out = {k: v for k, v in cfg.items() if k not in legacy}
+    scaling = dict(cfg["rope_scaling"])
+    scaling["rope_type"] = scaling.pop("type")
+    out["rope_parameters"] = {**scaling, "rope_theta": float(cfg["rope_theta"])}
+    out["rope_interleave"] = True
+    return out
 
 
 def tokenizer_vocab_size(tokenizer_dir: Path) -> int:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +20,16 @@ from hf_reference import hf_model
 from streamq.config import ModelConfig
 from streamq.data import DataConfig, load_token_batches
 from streamq.errors import StreamqError
-from streamq.evaluate import EvalOptions, EvalResult, EvalWarning, ModelScore, TokenSums, evaluate, token_sums
+from streamq.evaluate import (
+    HEAD_STAGE,
+    EvalOptions,
+    EvalResult,
+    EvalWarning,
+    ModelScore,
+    TokenSums,
+    evaluate,
+    token_sums,
+)
 from streamq.io.safetensors_stream import CheckpointReader
 from streamq.pipeline import RunOptions, run
 from streamq.recipe import Recipe
@@ -212,12 +224,53 @@ def test_bfloat16_logits_are_normalised_in_float32() -> None:
 def test_progress_reports_every_block_of_both_models(against_quantized: Logged, tiny_checkpoint: Path) -> None:
     layers = ModelConfig.load(tiny_checkpoint).num_hidden_layers
     stages = [(e["block"], e["stage"]) for e in against_quantized.events if e["event"] == "stage"]
-    expected = [(i, name) for i in range(layers) for name in ("model", "quantized")] + [(layers, "logits")]
+    # The head reads the last block's output and reports as its stage: no block number past the model's.
+    expected = [(i, name) for i in range(layers) for name in ("model", "quantized")] + [(layers - 1, HEAD_STAGE)]
     assert stages == expected
     done = [e["rel_error"] for e in against_quantized.events if e["event"] == "block_done"]
     comparison = against_quantized.result.comparison
     assert comparison is not None and tuple(done) == comparison.layer_errors
     assert against_quantized.events[-1]["event"] == "run_end" and against_quantized.events[-1]["status"] == "ok"
+
+
+def test_the_announced_tokens_are_the_evaluated_tokens_and_the_scored_ones_are_named(
+    against_quantized: Logged,
+) -> None:
+    result = against_quantized.result
+    start = next(e for e in against_quantized.events if e["event"] == "run_start")
+    assert (result.sequences, result.seq_len) == (DATA.num_samples, DATA.seq_len)
+    assert start["calib_tokens"] == result.sequences * result.seq_len  # every block runs on all of them
+    assert result.tokens == result.sequences * (result.seq_len - 1)
+    scored = f"scored: {result.tokens:,} next-token predictions ({DATA.seq_len - 1} per sequence)"
+    assert f"{DATA.num_samples} sequences × {DATA.seq_len} tokens = {start['calib_tokens']:,} tokens" in start["recipe"]
+    assert scored in start["recipe"]
+    assert scored in result.summary().splitlines()[0]
+
+
+def test_the_summary_labels_each_blocks_error(against_quantized: Logged) -> None:
+    errors = against_quantized.result.comparison.layer_errors
+    lines = against_quantized.result.summary().splitlines()
+    header = lines.index(
+        f"output error after each block, ‖h_q − h‖ / ‖h‖ over all {DATA.num_samples * DATA.seq_len:,} tokens:"
+    )
+    labelled = " ".join(lines[header + 1 :]).split()
+    assert labelled == [word for i, e in enumerate(errors) for word in ("block", str(i), f"{e:.3e}")]
+
+
+def test_eval_command_prints_labelled_errors_and_no_block_past_the_last(
+    tiny_checkpoint: Path, quantized_out: Path
+) -> None:
+    layers = ModelConfig.load(tiny_checkpoint).num_hidden_layers
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    args = ["--num-samples", "2", "--seq-len", "16", "--dtype", "float32", "--device", "cpu", "--display", "plain"]
+    cmd = [sys.executable, "-m", "streamq", "eval", str(tiny_checkpoint), str(quantized_out), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=True)
+    printed = done.stdout + done.stderr  # the plain log lines, then the summary
+    assert f"block {layers}" not in printed
+    assert f"block {layers - 1}: {HEAD_STAGE}" in printed
+    summary = printed[printed.index("(eval split), float32:") :]
+    assert "scored: 30 next-token predictions (15 per sequence)" in summary
+    assert all(f"block {i} " in summary for i in range(layers))
 
 
 def test_activation_files_are_deleted_at_the_end(against_quantized: Logged) -> None:

@@ -17,6 +17,7 @@ import torch
 from streamq.config import ModelConfig
 from streamq.distributed import SINGLE, Dist
 from streamq.export.compressed_tensors import fp8_passthrough_targets, mtp_ignore, quantization_config
+from streamq.export.vllm_contract import vllm_config
 from streamq.io.atomic import write_atomic
 from streamq.io.safetensors_stream import INDEX_NAME, SCALE_SUFFIX, CheckpointReader, read_header
 from streamq.io.safetensors_write import TensorSpec, write_safetensors_together
@@ -130,8 +131,9 @@ def ignore_list(cfg: ModelConfig, recipe: Recipe, keep_fp8: bool) -> list[str]:
 
 
 def write_config(out_dir: Path, reader: CheckpointReader, recipe: Recipe) -> None:
-    """The source config with its FP8 quantization_config replaced by the compressed-tensors one."""
-    cfg = dict(reader.config.raw)
+    """The source config with every attribute vLLM reads set to what streamq computed with (the vLLM contract:
+    ``streamq/export/vllm_contract.py``) and its FP8 quantization_config replaced by the compressed-tensors one."""
+    cfg = vllm_config(reader.config, reader.infos)
     keep_fp8 = recipe.unquantized == "fp8" and reader.config.fp8_block is not None
     cfg["quantization_config"] = quantization_config(
         recipe.scheme,
