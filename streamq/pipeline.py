@@ -53,7 +53,7 @@ from streamq.export.compressed_tensors import pack_linear, packed_layout
 from streamq.io.activations import ActivationReader, ActivationSpec, ActivationWriter, dtype_name, microbatches
 from streamq.io.safetensors_stream import CheckpointReader
 from streamq.model.deepseek import Block, MoE, load_block, load_embedding, rope_cos_sin
-from streamq.recipe import Recipe
+from streamq.recipe import Recipe, describe
 from streamq.resume import OutputDir, crash_point
 from streamq.smooth import BlockAWQ, fold_sites
 from streamq.solvers.awq import activation_rms
@@ -109,8 +109,8 @@ class _Run:
     dist: Dist
     model_dir: Path
 
-    def stage(self, report: BlockReport, name: str):
-        return _stage(report, name, self.reporter)
+    def stage(self, report: BlockReport, name: str, step: int | None = None, steps: int | None = None):
+        return _stage(report, name, self.reporter, step, steps)
 
 
 @dataclass
@@ -159,7 +159,9 @@ def run(
         total_blocks=cfg.num_hidden_layers,
         experts_per_block=cfg.n_routed_experts,
         calib_tokens=recipe.data.num_tokens,
-        recipe=recipe.to_dict(),
+        recipe=describe(recipe),
+        settings=recipe.to_dict(),
+        moe_blocks=[i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)],
     )
     if HEAD not in output.manifest.shards:
         _start(ctx)
@@ -268,8 +270,10 @@ def block_forward(
 
 
 @contextmanager
-def _stage(report: BlockReport, name: str, reporter: Reporter) -> Iterator[None]:
-    reporter.stage(report.layer, name)
+def _stage(
+    report: BlockReport, name: str, reporter: Reporter, step: int | None = None, steps: int | None = None
+) -> Iterator[None]:
+    reporter.stage(report.layer, name, step=step, steps=steps)
     start = time.perf_counter()
     yield
     report.seconds[name] = report.seconds.get(name, 0.0) + time.perf_counter() - start
@@ -434,8 +438,8 @@ def _calibrate_and_solve(
     all_tokens = set(experts) if recipe.calibration == "all" else set()
     awq = _block_awq(ctx, block, report.layer, mine) if recipe.method == "awq" else None
 
-    def one_pass(expert_pass: ExpertPass, count: bool, moe_input: bool) -> None:
-        with ctx.stage(report, "calibrate"):
+    def one_pass(expert_pass: ExpertPass, count: bool, moe_input: bool, step: int, steps: int | None) -> None:
+        with ctx.stage(report, "calibrate", step, steps):
             reads = _read(acts, batches, ctx.device)
             calibration_pass(
                 block,
@@ -461,10 +465,10 @@ def _calibrate_and_solve(
     if hybrid:
         # Which experts are starved is known only once every token has been routed: a first pass counts, and
         # takes the non-expert Hessians on the way.
-        one_pass(ExpertPass((), (), True), count=True, moe_input=True)
+        one_pass(ExpertPass((), (), True), count=True, moe_input=True, step=1, steps=None)
         all_tokens = {e for e in experts if counts[e].item() < recipe.min_tokens}
         if awq is None:
-            with ctx.stage(report, "solve"):
+            with ctx.stage(report, "solve", 1):
                 _solve(ctx, block, [g for g in dense_groups if dist.main], hessians, set(), solved, report)
     sizes = _hessian_bytes(block, experts) if experts else (0, 0)
     passes = plan_passes(
@@ -475,14 +479,16 @@ def _calibrate_and_solve(
         bool(dense_groups) and not hybrid,
     )
     passes = _same_count(_renumber(passes, experts), dist)
+    before, steps = int(hybrid), len(passes) + int(hybrid)  # passes numbered for the progress display
     for i, expert_pass in enumerate(passes):
         first = i == 0 and not hybrid
-        one_pass(expert_pass, count=first, moe_input=first and (recipe.calibration == "all" or awq is not None))
+        moe_input = first and (recipe.calibration == "all" or awq is not None)
+        one_pass(expert_pass, count=first, moe_input=moe_input, step=before + i + 1, steps=steps)
         if awq is not None and awq.mlp_act is None:
             awq.mlp_act = _mlp_input_rms(hessians, block, dense_groups)
         members = set(expert_pass.routed) | set(expert_pass.all_tokens)
         chosen = [g for g in mine if g.expert in members or (g.expert is None and expert_pass.dense_hooks)]
-        with ctx.stage(report, "solve"):
+        with ctx.stage(report, "solve", before + i + 1, steps):
             if awq is None:
                 _solve(ctx, block, chosen, hessians, all_tokens, solved, report)
             else:
