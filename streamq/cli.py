@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -22,6 +26,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's own help wraps every text to the terminal (up to 120 columns); Rich's help tables cut option texts
+    # with "…" at 80 columns whenever the output is not a terminal (a pipe, `less`, a CI log).
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 120},
 )
 
 
@@ -30,7 +38,7 @@ def _root() -> None:
     """Quantize DeepSeek-V3-style MoE checkpoints with GPTQ, one block at a time."""
 
 
-@app.command()
+@app.command(short_help="Write a synthetic checkpoint in DeepSeek-V3's layout.")
 def synth(
     out: Annotated[Path, typer.Argument(help="Directory to write the checkpoint into.")],
     preset: Annotated[str, typer.Option(help="tiny (CPU tests) or v3 (DeepSeek-V3 width).")] = "tiny",
@@ -67,7 +75,7 @@ def synth(
     typer.echo(f"wrote {out}")
 
 
-@app.command()
+@app.command(short_help="Quantize MODEL into OUT, one block at a time; resumable.")
 def run(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Checkpoint directory or Hugging Face repo id (DeepSeek-V3 layout).")],
@@ -177,12 +185,38 @@ def _quantize(model: str, out: Path, recipe: Recipe, options: RunOptions, displa
     # Only rank 0 shows progress and keeps the event log; it reports every rank's experts.
     events, shown = (out / EVENTS_FILENAME, display) if dist.main else (None, "none")
     try:
-        with Reporter(events, display=shown, rank=dist.rank) as reporter:
+        with _sigterm_interrupts(), Reporter(events, display=shown, rank=dist.rank) as reporter:
             run_pipeline(model_dir, out, recipe, options, reporter, dist)
+    except KeyboardInterrupt as exc:
+        # Every finished block is in the manifest: an interrupted run is resumed, not started again.
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        typer.echo(f"streamq: {how}; rerun the same command to resume {out}", err=True)
+        raise typer.Exit(128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)) from None
     finally:
         distributed.shutdown()
     if dist.main:
         typer.echo(f"wrote {out}")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's stop, `kill`), raised where the run is, so that it stops as Ctrl-C does: the
+    event log ends with run_end "interrupted" and every file in OUT is either finished or a temporary one."""
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM during the clean-up kills at once
+        raise Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _without_option(argv: list[str], option: str) -> list[str]:
@@ -198,7 +232,7 @@ def _without_option(argv: list[str], option: str) -> list[str]:
     return out
 
 
-@app.command("eval")
+@app.command("eval", short_help="Perplexity, KL divergence and per-layer error.")
 def eval_(
     model: Annotated[str, typer.Argument(help="The original checkpoint (directory or Hugging Face repo id).")],
     quantized: Annotated[str | None, typer.Argument(help="A quantized OUT to compare with MODEL.")] = None,

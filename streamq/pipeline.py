@@ -52,7 +52,7 @@ from streamq.io.safetensors_stream import CheckpointReader
 from streamq.memory import MemoryPlan, largest_block_bytes, plan_memory, release_host_memory
 from streamq.methods import make_method
 from streamq.model.deepseek import Block, MoE, load_block, load_embedding, rope_cos_sin
-from streamq.recipe import Recipe
+from streamq.recipe import Recipe, describe
 from streamq.report import (
     BlockReport,
     StageClock,
@@ -125,7 +125,9 @@ def run(
         experts_per_block=cfg.n_routed_experts,
         calib_tokens=recipe.data.num_tokens,
         # The memory plan is how this run works, not part of the recipe's digest: shown with it, kept in the report.
-        recipe={**recipe.to_dict(), "memory_plan": memory.describe()},
+        recipe=f"{describe(recipe)}; {memory.describe()}",
+        settings={**recipe.to_dict(), "memory_plan": memory.describe()},
+        moe_blocks=[i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)],
     )
     if HEAD not in output.manifest.shards:
         _start(ctx)

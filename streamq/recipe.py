@@ -88,6 +88,28 @@ class Recipe:
             raise StreamqError(f"{path}: not a streamq recipe ({exc}); pass a file written by `streamq run`") from None
 
 
+def describe(recipe: Recipe) -> str:
+    """The recipe in one line for people, e.g. ``GPTQ W4 g128 sym, act-order, routed experts, 128×2048 tokens``:
+    what decides the result, in the order one would say it; defaults that change nothing are left out."""
+    scheme, solver, data = recipe.scheme, recipe.solver, recipe.data
+    grid = f"g{scheme.group_size}" if scheme.group_size else "per-channel"
+    parts = [f"{recipe.method.upper()} W{scheme.bits} {grid} {'sym' if scheme.symmetric else 'asym'}"]
+    if recipe.method != "rtn":
+        parts += {"weight": ["act-order"], "group": ["group act-order"]}.get(solver.actorder, [])
+    if solver.observer == "mse":
+        parts.append("MSE scales")
+    parts.append("routed experts" if recipe.scope == "experts" else "all Linears")
+    if recipe.method != "rtn":
+        parts += {
+            "all": ["every token to every expert"],
+            "hybrid": [f"every token to experts under {recipe.min_tokens} tokens"],
+        }.get(recipe.calibration, [])
+    parts.append("unquantized Linears in FP8" if recipe.unquantized == "fp8" else "")
+    source = "" if data.source == "builtin" else f" of {data.source}"
+    parts.append(f"{data.num_samples}×{data.seq_len} tokens{source}")
+    return ", ".join(p for p in parts if p)
+
+
 def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise StreamqError(f"--{name.replace('_', '-')} {value!r} is not supported; choose one of {', '.join(allowed)}")

@@ -76,3 +76,35 @@ def test_an_unreachable_hub_model_is_a_clear_error(tmp_path: Path, monkeypatch, 
 def test_a_missing_model_directory_is_a_clear_error(tmp_path: Path, monkeypatch, capsys) -> None:
     code, err = cli(monkeypatch, capsys, "run", str(tmp_path / "nowhere"), str(tmp_path / "out"))
     assert code == 2 and "no such directory, and not a Hugging Face repo id" in err
+
+
+def test_help_is_wrapped_not_cut_when_piped() -> None:
+    # Piped (as into `less` or a CI log), every help text must be there whole, not cut with "…" at 80 columns.
+    import typer.main
+
+    from streamq.cli import app
+
+    group = typer.main.get_command(app)
+    assert set(group.commands) == {"synth", "run", "eval"}
+    for name in [None, *group.commands]:
+        out = streamq(*([name] if name else []), "--help")
+        assert out.returncode == 0 and "…" not in out.stdout, out.stdout
+        text = " ".join(out.stdout.split())
+        command = group.commands[name] if name else group
+        if name is None:  # each command's one-line help, whole in the list of commands
+            assert all(c.get_short_help_str(limit=10**6) in text for c in group.commands.values()), text
+        for param in command.params:
+            if getattr(param, "help", None):
+                assert " ".join(param.help.split()) in text, (name, param.name)
+
+
+def test_an_error_inside_the_run_is_printed_once(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = streamq("run", str(tiny_checkpoint), str(out), "--method", "rtn", "--num-samples", "2", "--seq-len", "8")
+    assert first.returncode == 0, first.stderr
+    # The same OUT with another recipe is refused from inside the run (its progress display is already up).
+    again = streamq("run", str(tiny_checkpoint), str(out), "--num-samples", "2", "--seq-len", "8", "--display", "plain")
+    assert again.returncode == 2
+    assert (again.stdout + again.stderr).count("holds a run with a different recipe") == 1
+    assert "run failed" in again.stdout
+    assert again.stderr.startswith("error: ")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -88,8 +89,13 @@ CRASH_POINTS = {
 
 def streamq_run(model: Path, out: Path, crash: str | None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "STREAMQ_CRASH_AT": crash or ""}
+    return subprocess.run(streamq_command(model, out), env=env, capture_output=True, text=True, timeout=600)
+
+
+def streamq_command(model: Path, out: Path) -> list[str]:
+    """`streamq run` with the options of ``quantize``, in plain display mode."""
     args = ["--num-samples", str(DATA.num_samples), "--seq-len", str(DATA.seq_len), "--dtype", "float32"]
-    cmd = [
+    return [
         sys.executable,
         "-m",
         "streamq",
@@ -104,7 +110,6 @@ def streamq_run(model: Path, out: Path, crash: str | None) -> subprocess.Complet
         "--display",
         "plain",
     ]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -123,6 +128,33 @@ def test_killed_run_resumes_to_identical_bytes(
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert output_files(out) == output_files(reference_out)
     assert report_without_times(out) == report_without_times(reference_out)
+
+
+def test_sigterm_stops_cleanly_with_an_interrupted_event_and_resumes_to_identical_bytes(
+    tiny_checkpoint: Path, reference_out: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    cmd = streamq_command(tiny_checkpoint, out)
+    env = {**os.environ, "STREAMQ_CRASH_AT": ""}
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        for line in proc.stdout:  # plain mode: one line per event, flushed
+            if "block 2: calibrate" in line:  # inside the first MoE block
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err
+    assert f"streamq: terminated (SIGTERM); rerun the same command to resume {out}" in err
+    events = [json.loads(line) for line in (out / EVENTS_FILENAME).read_text().splitlines()]
+    assert events[-1]["event"] == "run_end" and events[-1]["status"] == "interrupted"
+    assert "run interrupted: 2 blocks done" in rest
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["next_layer"] == 2 and not manifest["complete"]
+    assert not (out / "config.json").exists()
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert output_files(out) == output_files(reference_out)
 
 
 def test_a_different_recipe_is_refused(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
