@@ -100,16 +100,29 @@ def run(
     token_budget: Annotated[int, typer.Option(min=1, help="Tokens per forward micro-batch.")] = 32768,
     hessian_budget_gb: Annotated[float | None, typer.Option(help="GB of expert Hessians per pass (auto).")] = None,
     display: Annotated[str, typer.Option(help="auto, rich, plain or none.")] = "auto",
+    allow_nonfinite: Annotated[
+        bool,
+        typer.Option(
+            help="NaN/Inf in weights, activations or Hessians: go on with the solver's fallbacks (NaN as 0, RTN) "
+            "instead of stopping; the report then shows NaN errors."
+        ),
+    ] = False,
     gpus: Annotated[
         int | None,
         typer.Option(help="Processes on this machine (one per GPU; CPU processes with gloo when there is none)."),
     ] = None,
 ) -> None:
-    """Quantize MODEL into OUT (compressed-tensors), one block at a time; resumable."""
+    """Quantize MODEL into OUT (compressed-tensors), one block at a time; resumable.
+
+    Before anything is written to OUT, every tensor's shape and dtype is checked against config.json (FP8 block
+    scales included), the data set must give --num-samples x --seq-len tokens, and --group-size must divide the
+    in_features of every Linear in --scope (routed experts, and with --scope all also attention, shared experts
+    and dense MLPs); a Linear it does not divide refuses the run with the group sizes that fit."""
     from streamq import distributed
     from streamq.io.hub import resolve_model
     from streamq.pipeline import RunOptions
     from streamq.pipeline import run as run_pipeline
+    from streamq.preflight import check_before_output
     from streamq.recipe import Recipe
     from streamq.tui import EVENTS_FILENAME, Reporter
 
@@ -143,16 +156,18 @@ def run(
         dtype=dtype,
         token_budget=token_budget,
         hessian_budget=None if hessian_budget_gb is None else int(hessian_budget_gb * 2**30),
+        allow_nonfinite=allow_nonfinite,
     )
     dist, rank_device = distributed.from_environment(device)
     options = replace(options, device=rank_device)
     model_dir = resolve_model(model)
+    checked = check_before_output(model_dir, out, recipe, dist.world)  # preflight: before OUT is created
     out.mkdir(parents=True, exist_ok=True)
     # Only rank 0 shows progress and keeps the event log; it reports every rank's experts.
     events, shown = (out / EVENTS_FILENAME, display) if dist.main else (None, "none")
     try:
         with Reporter(events, display=shown, rank=dist.rank) as reporter:
-            run_pipeline(model_dir, out, recipe, options, reporter, dist)
+            run_pipeline(model_dir, out, recipe, options, reporter, dist, checked)
     finally:
         distributed.shutdown()
     if dist.main:

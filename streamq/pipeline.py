@@ -39,7 +39,6 @@ from streamq.calibrate import (
 )
 from streamq.data import load_token_batches
 from streamq.distributed import SINGLE, Dist
-from streamq.errors import StreamqError
 from streamq.export.checkpoint import (
     FP8_DTYPES,
     copy_side_files,
@@ -50,9 +49,11 @@ from streamq.export.checkpoint import (
     write_shard,
 )
 from streamq.export.compressed_tensors import pack_linear, packed_layout
+from streamq.finite import check_activations, check_block_weights, check_hessians, check_source_tensors
 from streamq.io.activations import ActivationReader, ActivationSpec, ActivationWriter, dtype_name, microbatches
 from streamq.io.safetensors_stream import CheckpointReader
 from streamq.model.deepseek import Block, MoE, load_block, load_embedding, rope_cos_sin
+from streamq.preflight import Checked, check_before_output
 from streamq.recipe import Recipe
 from streamq.resume import OutputDir, crash_point
 from streamq.smooth import BlockAWQ, fold_sites
@@ -80,6 +81,7 @@ class RunOptions:
     token_budget: int = 32768  # tokens per forward micro-batch (over all ranks)
     hessian_budget: int | None = None  # bytes of expert Hessians per calibration pass; None: automatic
     solve_batch: int | None = None  # experts stacked into one solver call; None: 32 on a GPU, 4 on the CPU
+    allow_nonfinite: bool = False  # NaN/Inf go to the solvers' fallbacks instead of stopping the run (finite.py)
 
 
 @dataclass
@@ -131,12 +133,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 def run(
-    model_dir: Path, out: Path, recipe: Recipe, options: RunOptions, reporter: Reporter, dist: Dist = SINGLE
+    model_dir: Path,
+    out: Path,
+    recipe: Recipe,
+    options: RunOptions,
+    reporter: Reporter,
+    dist: Dist = SINGLE,
+    checked: Checked | None = None,
 ) -> Path:
+    # preflight (streamq/preflight.py): refuse bad input before anything is written to OUT
+    checked = checked or check_before_output(Path(model_dir), Path(out), recipe, dist.world)
     reader = CheckpointReader(model_dir)
     cfg = reader.config
-    if recipe.data.num_samples % dist.world:
-        raise StreamqError(f"--num-samples {recipe.data.num_samples} must be a multiple of the {dist.world} processes")
     config_sha = hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()
     output = _open_output(Path(out), recipe, config_sha, 1 + cfg.num_layers_with_mtp, dist)
     if output.manifest.complete:
@@ -161,8 +169,10 @@ def run(
         calib_tokens=recipe.data.num_tokens,
         recipe=recipe.to_dict(),
     )
+    for message in checked.warnings:  # preflight
+        reporter.warning(message)
     if HEAD not in output.manifest.shards:
-        _start(ctx)
+        _start(ctx, checked.tokens)
     for layer in range(cfg.num_hidden_layers):
         if layer < output.manifest.next_layer:
             reporter.block_skipped(layer)
@@ -193,13 +203,15 @@ def _save_manifest(ctx: _Run) -> None:
 # -- the start: head shard and the first activations ------------------------------------------------------------
 
 
-def _start(ctx: _Run) -> None:
+def _start(ctx: _Run, tokens: torch.Tensor | None = None) -> None:
     reader, output, dist = ctx.reader, ctx.output, ctx.dist
-    tokens = load_token_batches(ctx.recipe.data, ctx.model_dir, warn=ctx.reporter.warning)
+    if tokens is None:
+        tokens = load_token_batches(ctx.recipe.data, ctx.model_dir, warn=ctx.reporter.warning)
     spec = ActivationSpec(tokens.shape[0], tokens.shape[1], reader.config.hidden_size, dtype_name(ctx.dtype))
     file = shard_name(0, output.manifest.total_shards)
     if dist.main:
         names = [n for n in reader.names() if not n.startswith("model.layers.")]
+        check_source_tensors(reader, names, ctx.device, ctx.options.allow_nonfinite, ctx.reporter.warning)  # finite
         write_shard(output.path / file, plan_tensors(reader, names, {}, {}, keep_fp8=False), _crash_write)
     embedding = load_embedding(reader, ctx.device, ctx.dtype)
     writer = ActivationWriter(output.activation_path(0, dist), _local(spec, dist))
@@ -284,6 +296,7 @@ def _quantize_block(ctx: _Run, layer: int) -> None:
     experts = dist.experts(cfg.n_routed_experts) if cfg.is_moe_layer(layer) else range(0)
     with ctx.stage(report, "load"):
         block = load_block(ctx.reader, layer, ctx.device, ctx.dtype, experts=experts)
+        check_block_weights(ctx.reader, layer, block, ctx.options.allow_nonfinite, ctx.reporter.warning)  # finite
         acts = ActivationReader(output.activation_path(layer, dist), _local(spec, dist))
         batches = _batches(spec, manifest.batch_samples or batch_samples(spec, ctx.options.token_budget, dist), dist)
         cos, sin = rope_cos_sin(cfg, spec.seq_len, ctx.device)
@@ -297,6 +310,7 @@ def _quantize_block(ctx: _Run, layer: int) -> None:
         writer = ActivationWriter(output.activation_path(layer + 1, dist), _local(spec, dist))
         for i, (first, stop) in enumerate(batches):
             y = block_forward(block, acts.read(first, stop).to(ctx.device), cos, sin, dist, experts)
+            check_activations(y, layer, "propagate", ctx.options.allow_nonfinite)  # finite
             if i == 0:
                 report.rel_error = _rel_error(y.float(), reference, dist)
             writer.write(first, y.to(ctx.dtype))
@@ -456,7 +470,9 @@ def _calibrate_and_solve(
 
     def hessian(group: LinearGroup) -> torch.Tensor:
         dim = modules[group.members[0]].weight.shape[1]
-        return expert_hessian(hessians, group, group.expert in all_tokens, dim, ctx.device)
+        h = expert_hessian(hessians, group, group.expert in all_tokens, dim, ctx.device)
+        check_hessians(h[None], [group.key], report.layer, ctx.options.allow_nonfinite)  # finite
+        return h
 
     if hybrid:
         # Which experts are starved is known only once every token has been routed: a first pass counts, and
@@ -653,6 +669,7 @@ def _solve_stack(
     else:
         dim, device = weights.shape[-1], weights.device
         hs = torch.stack([expert_hessian(hessians, g, g.expert in all_tokens, dim, device) for g in groups])
+        check_hessians(hs, [g.key for g in groups], report.layer, ctx.options.allow_nonfinite)  # finite
         result = gptq_quantize(weights, hs, recipe.solver)
         sample = [i for i, g in enumerate(groups) if g.expert is None or g.expert % ERROR_EVERY == 0]
         if sample:
@@ -738,6 +755,7 @@ def _finish(ctx: _Run) -> None:
             # The MTP layer is copied unquantized (bf16): it is not part of the decoder the config describes.
             file = shard_name(1 + layer, manifest.total_shards)
             names = reader.names(reader.layer_prefix(layer))
+            check_source_tensors(reader, names, ctx.device, ctx.options.allow_nonfinite, ctx.reporter.warning)  # finite
             write_shard(output.path / file, plan_tensors(reader, names, {}, {}, keep_fp8=False), _crash_write)
             output.record_shard(key, file)
             output.save()

@@ -226,6 +226,13 @@ def gpu_peak_bytes() -> int | None:
         return None
 
 
+def _nan_max(values: Sequence[float]) -> float | None:
+    """The largest value, NaN when any is NaN (``max`` would depend on where the NaN is)."""
+    if not values:
+        return None
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
+
+
 def json_safe(value: Any) -> Any:
     """``value`` with non-finite floats as strings: json.dumps would write NaN, which strict parsers reject."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -614,7 +621,8 @@ class Reporter:
         with self._lock:
             state = self.state
             seconds = self._clock() - state.started if state.started is not None else 0.0
-            finite = [e for e in state.rel_errors if math.isfinite(e)]
+            # A NaN block error (a run with --allow-nonfinite) makes the mean and max NaN: never hidden.
+            errors = list(state.rel_errors)
             self._ended = True
         self._emit(
             "run_end",
@@ -623,8 +631,8 @@ class Reporter:
             blocks_skipped=state.blocks_skipped,
             seconds=round(seconds, 3),
             fallbacks=state.fallbacks,
-            rel_error_mean=sum(finite) / len(finite) if finite else None,
-            rel_error_max=max(finite) if finite else None,
+            rel_error_mean=sum(errors) / len(errors) if errors else None,
+            rel_error_max=_nan_max(errors),
             warnings=state.warnings,
             errors=state.errors,
         )
