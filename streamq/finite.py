@@ -46,9 +46,10 @@ def check_weights(
         if bad:
             info = reader.infos.get(name)
             where = f"{info.file}: tensor {info.name}" if info is not None else f"{reader.dir}: tensor {name}"
+            fp8 = info is not None and info.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
             _stop_or_warn(
-                f"{where} has {bad} NaN/Inf value(s) (after FP8 dequantization); the checkpoint is corrupt: "
-                f"download this shard again, or {ALLOW_HINT}",
+                f"{where} has {bad} NaN/Inf value(s){' (after FP8 dequantization)' if fp8 else ''}; the checkpoint "
+                f"is corrupt: download this shard again, or {ALLOW_HINT}",
                 allow,
                 warn,
             )

@@ -1,7 +1,7 @@
 """Checks before OUT is touched: a run that cannot finish must fail before it writes anything.
 
-Everything here reads only config.json, the safetensors headers (never tensor data, so it takes about a second
-even for DeepSeek-V3's 163 shards) and the calibration text:
+Everything here reads only config.json, the safetensors headers (never tensor data: a few seconds for
+DeepSeek-V3's 92 k tensors) and the calibration text:
 
 * MODEL and OUT are distinct and neither contains the other;
 * every tensor the run reads has the shape and dtype config.json implies, in either expert layout (the release's
@@ -21,6 +21,7 @@ group sizes 32 to 128; a small model does, and the fix is one option.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from streamq.io.safetensors_stream import (
 )
 from streamq.model.deepseek import MTP_EXTRAS, Block
 from streamq.recipe import Recipe
-from streamq.resume import Manifest, peek_manifest
+from streamq.resume import OutputDir, peek_manifest
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 HEAD_SHARD = "head"  # the manifest key of the first shard, written with the first activations
@@ -70,26 +71,20 @@ def check_before_output(model_dir: Path, out: Path, recipe: Recipe, world: int =
         check_scheme(reader, recipe)
     warnings: list[str] = []
     manifest = peek_manifest(Path(out))
-    if manifest is not None and _starts_over(manifest, recipe):
-        warnings.append(
-            f"{out}: holds an unfinished run of another recipe or model with no finished block; starting over"
-        )
+    restart = manifest is not None and OutputDir(Path(out), manifest).restarts(recipe, config_sha(model_dir), world)
+    if restart:
+        warnings.append(f"{out}: holds an unfinished run of another recipe or model and no finished block; restarting")
     tokens = None
-    if _needs_tokens(manifest, recipe):
+    if manifest is None or restart or (manifest.recipe == recipe.digest() and HEAD_SHARD not in manifest.shards):
+        # The tokens make the first activations, once; a run resumed past them does not read them, and one that
+        # resume will refuse must be refused without tokenizing first.
         tokens = load_token_batches(recipe.data, Path(model_dir), warn=warnings.append)
     return Checked(tokens, warnings)
 
 
-def _starts_over(manifest: Manifest, recipe: Recipe) -> bool:
-    return not manifest.complete and not manifest.finished_blocks and manifest.recipe != recipe.digest()
-
-
-def _needs_tokens(manifest: Manifest | None, recipe: Recipe) -> bool:
-    """The tokens are used once, to compute the first activations; a resumed run past them does not read them,
-    and a run that resume will refuse must be refused without tokenizing first."""
-    if manifest is None or _starts_over(manifest, recipe):
-        return True
-    return manifest.recipe == recipe.digest() and HEAD_SHARD not in manifest.shards
+def config_sha(model_dir: Path) -> str:
+    """The digest of config.json that the manifest keeps (resume refuses another model's output)."""
+    return hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()
 
 
 # -- paths --------------------------------------------------------------------------------------------------------

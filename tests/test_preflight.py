@@ -252,7 +252,10 @@ def test_an_inf_in_a_layernorm_stops_the_run(model: Path, tmp_path: Path, monkey
     out = tmp_path / "out"
     code, err = run(monkeypatch, capsys, model, out)
     assert code == 2 and unfinished(out)
-    assert one_error_line(err).startswith(f"error: {shard}: tensor {name} has 1 NaN/Inf value(s)")
+    assert one_error_line(err) == (
+        f"error: {shard}: tensor {name} has 1 NaN/Inf value(s); the checkpoint is corrupt: download this shard "
+        "again, or rerun with --allow-nonfinite to go on with the solver's fallbacks"
+    )
 
 
 def test_a_nan_outside_the_layers_stops_the_run_before_the_first_shard(
@@ -318,6 +321,8 @@ def test_an_out_with_no_finished_block_restarts_with_a_corrected_command(
     code, err = run(monkeypatch, capsys, model, out, "--method", "rtn")
     assert code == 0, err
     assert Recipe.load(out / "streamq_recipe.json").data.seq_len == 32
+    events = [json.loads(line) for line in (out / EVENTS_FILENAME).read_text().splitlines()]
+    assert any(e["event"] == "warning" and e["message"].endswith("no finished block; restarting") for e in events)
     clean = tmp_path / "clean"
     assert run(monkeypatch, capsys, model, clean, "--method", "rtn")[0] == 0
     assert files(out) == files(clean)
