@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from streamq.calibrate import Accumulators, BlockStats, calibration_pass
+from streamq.calibrate import Accumulators, BlockStats, HessianCheck, calibration_pass
 from streamq.distributed import Dist
 from streamq.forward import BlockInputs
 from streamq.groups import LinearGroup
@@ -33,6 +33,7 @@ class Calibration:
     tie_gate_up: bool
     hessian_bytes: int  # expert Hessians per pass
     dist: Dist
+    check: HessianCheck | None = None  # sees each Hessian before a method uses it (the run's finiteness guard)
 
 
 def calibrate_and_solve(
@@ -94,7 +95,7 @@ def _block_stats(
     )
     all_tokens = {g.expert for g in groups if g.expert is not None} if calibration.mode == "all" else set()
     dims = {g.key: modules[g.members[0]].weight.shape[1] for g in groups}
-    return BlockStats(into, all_tokens, dims, device)
+    return BlockStats(into, all_tokens, dims, device, calibration.check)
 
 
 def _complete(method: Method, groups: Sequence[LinearGroup], stats: BlockStats) -> None:

@@ -189,6 +189,9 @@ def expert_hessian(
     return hessians.mean(key, dim, device)
 
 
+HessianCheck = Callable[[torch.Tensor, Sequence[str]], None]  # a stack of Hessians [E, n, n] and their keys
+
+
 @dataclass
 class BlockStats:
     """A block's statistics collected so far, and the Hessian each of its groups is solved with."""
@@ -197,7 +200,11 @@ class BlockStats:
     all_tokens: set[int]  # routed experts whose Hessians see every token
     dims: dict[str, int]  # input features by group key
     device: torch.device
+    check: HessianCheck | None = None
 
     def hessian(self, group: LinearGroup) -> torch.Tensor:
         all_tokens = group.expert in self.all_tokens
-        return expert_hessian(self.into.hessians, group, all_tokens, self.dims[group.key], self.device)
+        h = expert_hessian(self.into.hessians, group, all_tokens, self.dims[group.key], self.device)
+        if self.check is not None:
+            self.check(h[None], [group.key])
+        return h

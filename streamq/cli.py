@@ -114,12 +114,24 @@ def run(
     memory_budget_gb: Annotated[float | None, typer.Option(help="GB for Hessians + solver (auto).")] = None,
     hessian_budget_gb: Annotated[float | None, typer.Option(help="GB of expert Hessians per pass (auto).")] = None,
     display: Annotated[str, typer.Option(help="auto, rich, plain or none.")] = "auto",
+    allow_nonfinite: Annotated[
+        bool,
+        typer.Option(
+            help="NaN/Inf in weights, activations or Hessians: go on with the solver's fallbacks (NaN as 0, RTN) "
+            "instead of stopping; the report then shows NaN errors."
+        ),
+    ] = False,
     gpus: Annotated[
         int | None,
         typer.Option(help="Processes on this machine (one per GPU; CPU processes with gloo when there is none)."),
     ] = None,
 ) -> None:
-    """Quantize MODEL into OUT (compressed-tensors), one block at a time; resumable."""
+    """Quantize MODEL into OUT (compressed-tensors), one block at a time; resumable.
+
+    Before anything is written to OUT, every tensor's shape and dtype is checked against config.json (FP8 block
+    scales included), the data set must give --num-samples x --seq-len tokens, and --group-size must divide the
+    in_features of every Linear in --scope (routed experts, and with --scope all also attention, shared experts
+    and dense MLPs); a Linear it does not divide refuses the run with the group sizes that fit."""
     from streamq import distributed
 
     if gpus is not None and gpus > 1 and "WORLD_SIZE" not in os.environ:
@@ -169,6 +181,7 @@ def _run_options(p: dict[str, Any]) -> RunOptions:
         token_budget=p["token_budget"],
         memory_budget=gib(p["memory_budget_gb"]),
         hessian_budget=gib(p["hessian_budget_gb"]),
+        allow_nonfinite=p["allow_nonfinite"],
     )
 
 
@@ -176,17 +189,19 @@ def _quantize(model: str, out: Path, recipe: Recipe, options: RunOptions, displa
     from streamq import distributed
     from streamq.io.hub import resolve_model
     from streamq.pipeline import run as run_pipeline
+    from streamq.preflight import check_before_output
     from streamq.tui import EVENTS_FILENAME, Reporter
 
     dist, rank_device = distributed.from_environment(options.device)
     options = replace(options, device=rank_device)
     model_dir = resolve_model(model)
+    checked = check_before_output(model_dir, out, recipe, dist.world)  # preflight: before OUT is created
     out.mkdir(parents=True, exist_ok=True)
     # Only rank 0 shows progress and keeps the event log; it reports every rank's experts.
     events, shown = (out / EVENTS_FILENAME, display) if dist.main else (None, "none")
     try:
         with _sigterm_interrupts(), Reporter(events, display=shown, rank=dist.rank) as reporter:
-            run_pipeline(model_dir, out, recipe, options, reporter, dist)
+            run_pipeline(model_dir, out, recipe, options, reporter, dist, checked)
     except KeyboardInterrupt as exc:
         # Every finished block is in the manifest: an interrupted run is resumed, not started again.
         how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"

@@ -6,7 +6,7 @@ processes (see distributed.py) every rank holds a slice of each micro-batch and 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -89,13 +89,17 @@ def propagate(
     dtype: torch.dtype,
     dist: Dist = SINGLE,
     experts: Sequence[int] | None = None,
+    check: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Run ``block`` over ``inputs`` and write its output (as ``dtype``) to ``writer``; returns the first
-    micro-batch's output. ``experts``: this rank's routed experts (None: all)."""
+    micro-batch's output. ``experts``: this rank's routed experts (None: all); ``check`` sees each output
+    micro-batch before it is written (the run's finiteness guard)."""
     everyone = range(len(block.mlp.experts)) if isinstance(block.mlp, MoE) else range(0)
     first_output = None
     for (first, _), x in zip(inputs.batches, inputs.read(), strict=True):
         y = block_forward(block, x, inputs.cos, inputs.sin, dist, everyone if experts is None else experts)
+        if check is not None:
+            check(y)
         first_output = y if first_output is None else first_output
         writer.write(first, y.to(dtype))
         crash_point("propagate")

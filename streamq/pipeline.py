@@ -13,9 +13,7 @@ non-expert solves, the manifest, the report). The output is the same, byte for b
 
 from __future__ import annotations
 
-import hashlib
 import shutil
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -26,7 +24,6 @@ from streamq.block_shard import write_block_shard
 from streamq.block_solve import Calibration, calibrate_and_solve
 from streamq.data import load_token_batches
 from streamq.distributed import SINGLE, Dist
-from streamq.errors import StreamqError
 from streamq.export.checkpoint import (
     copy_side_files,
     plan_tensors,
@@ -36,6 +33,7 @@ from streamq.export.checkpoint import (
     write_index,
     write_shard,
 )
+from streamq.finite import check_activations, check_block_weights, check_hessians, check_source_tensors
 from streamq.forward import (
     BlockInputs,
     batch_samples,
@@ -52,6 +50,7 @@ from streamq.io.safetensors_stream import CheckpointReader
 from streamq.memory import MemoryPlan, largest_block_bytes, plan_memory, release_host_memory
 from streamq.methods import make_method
 from streamq.model.deepseek import Block, MoE, load_block, load_embedding, rope_cos_sin
+from streamq.preflight import Checked, check_before_output, config_sha
 from streamq.recipe import Recipe, describe
 from streamq.report import (
     BlockReport,
@@ -64,7 +63,7 @@ from streamq.report import (
 )
 from streamq.resume import OutputDir, crash_point
 from streamq.smooth import BlockAWQ, fold_sites
-from streamq.solve import Solved, Solver
+from streamq.solve import Solved, Solver, share_dense_weights
 from streamq.solvers.gptq import SolveOptions
 from streamq.tui import Reporter
 
@@ -82,6 +81,7 @@ class RunOptions:
     memory_budget: int | None = None  # bytes for Hessians + solver workspace (see memory.py); None: automatic
     hessian_budget: int | None = None  # overrides the plan's bytes of expert Hessians per calibration pass
     solve_batch: int | None = None  # overrides the plan's experts per solver call
+    allow_nonfinite: bool = False  # NaN/Inf go to the solvers' fallbacks instead of stopping the run (finite.py)
 
 
 @dataclass(frozen=True)
@@ -101,14 +101,19 @@ class _Run:
 
 
 def run(
-    model_dir: Path, out: Path, recipe: Recipe, options: RunOptions, reporter: Reporter, dist: Dist = SINGLE
+    model_dir: Path,
+    out: Path,
+    recipe: Recipe,
+    options: RunOptions,
+    reporter: Reporter,
+    dist: Dist = SINGLE,
+    checked: Checked | None = None,
 ) -> Path:
+    """Quantize ``model_dir`` into ``out``; ``checked``: the preflight's result when the caller already ran it."""
+    checked = checked or check_before_output(Path(model_dir), Path(out), recipe, dist.world)
     reader = CheckpointReader(model_dir)
     cfg = reader.config
-    if recipe.data.num_samples % dist.world:
-        raise StreamqError(f"--num-samples {recipe.data.num_samples} must be a multiple of the {dist.world} processes")
-    config_sha = hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()
-    output = _open_output(Path(out), recipe, config_sha, 1 + cfg.num_layers_with_mtp, dist)
+    output = OutputDir.open_together(Path(out), recipe, config_sha(model_dir), 1 + cfg.num_layers_with_mtp, dist)
     if output.manifest.complete:
         reporter.warning(f"{out} is already complete; nothing to do")
         return Path(out)
@@ -129,8 +134,10 @@ def run(
         settings={**recipe.to_dict(), "memory_plan": memory.describe()},
         moe_blocks=[i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)],
     )
+    for message in checked.warnings:
+        reporter.warning(message)
     if HEAD not in output.manifest.shards:
-        _start(ctx)
+        _start(ctx, checked.tokens)
     for layer in range(cfg.num_hidden_layers):
         if layer < output.manifest.next_layer:
             reporter.block_skipped(layer)
@@ -140,23 +147,16 @@ def run(
     return Path(out)
 
 
-def _open_output(out: Path, recipe: Recipe, config_sha: str, total_shards: int, dist: Dist) -> OutputDir:
-    """Rank 0 checks or creates OUT; the others follow once it has."""
-    output = OutputDir.open(out, recipe, config_sha, total_shards, dist.world) if dist.main else None
-    dist.barrier()
-    if output is None:
-        output = OutputDir.attach(out, dist.world)
-    return output
-
-
-def _start(ctx: _Run) -> None:
+def _start(ctx: _Run, tokens: torch.Tensor | None) -> None:
     """The head shard (embedding, norm, lm_head) and the embedding's output: block 0's input."""
     reader, output, dist = ctx.reader, ctx.output, ctx.dist
-    tokens = load_token_batches(ctx.recipe.data, ctx.model_dir, warn=ctx.reporter.warning)
+    if tokens is None:  # the preflight skips them when OUT is past the start; another rank may have been first
+        tokens = load_token_batches(ctx.recipe.data, ctx.model_dir, warn=ctx.reporter.warning)
     spec = ActivationSpec(tokens.shape[0], tokens.shape[1], reader.config.hidden_size, dtype_name(ctx.dtype))
     file = shard_name(0, output.manifest.total_shards)
     if dist.main:
         names = [n for n in reader.names() if not n.startswith("model.layers.")]
+        check_source_tensors(reader, names, ctx.device, ctx.options.allow_nonfinite, ctx.reporter.warning)
         write_shard(output.path / file, plan_tensors(reader, names, {}, {}, keep_fp8=False), _CRASH_WRITE)
     embedding = load_embedding(reader, ctx.device, ctx.dtype)
     writer = ActivationWriter(output.activation_path(0, dist), local_spec(spec, dist))
@@ -180,6 +180,7 @@ def _quantize_block(ctx: _Run, layer: int) -> None:
     experts = dist.experts(cfg.n_routed_experts) if cfg.is_moe_layer(layer) else range(0)
     with clock("load"):
         block = load_block(ctx.reader, layer, ctx.device, ctx.dtype, experts=experts)
+        check_block_weights(ctx.reader, layer, block, ctx.options.allow_nonfinite, ctx.reporter.warning)
         batches = rank_batches(
             spec, manifest.batch_samples or batch_samples(spec, ctx.options.token_budget, dist), dist
         )
@@ -189,13 +190,14 @@ def _quantize_block(ctx: _Run, layer: int) -> None:
     every = linear_groups(cfg, layer, ctx.recipe)
     groups = [g for g in every if g.expert is None or g.expert in experts]
     solved = _solve_block(ctx, block, groups, inputs, report) if every else Solved()
-    _share_dense_weights(block, groups, solved, dist)
+    share_dense_weights(dict(block.named_modules()), groups, solved, dist)
     with clock("write"):
         shard = ctx.output.path / shard_name(1 + layer, ctx.output.manifest.total_shards)
         write_block_shard(shard, ctx.reader, layer, ctx.recipe, solved, block, dist, _CRASH_WRITE)
     with clock("propagate"):
         writer = ActivationWriter(output.activation_path(layer + 1, dist), local_spec(spec, dist))
-        first = propagate(block, inputs, writer, ctx.dtype, dist, experts)
+        check = partial(check_activations, layer=layer, stage="propagate", allow=ctx.options.allow_nonfinite)
+        first = propagate(block, inputs, writer, ctx.dtype, dist, experts, check)
         writer.commit()
         report.rel_error = rel_error(first.float(), reference, dist)
     source.close()
@@ -219,7 +221,10 @@ def _solve_block(
     mine = [g for g in groups if g.expert is not None or dist.main]
     awq = partial(_block_awq, ctx.reader, recipe, dist, block, layer, mine)
     method = make_method(recipe.method, solver, solved, block, dist, awq)
-    calibration = Calibration(recipe.calibration, recipe.min_tokens, recipe.tie_gate_up, ctx.memory.hessian_bytes, dist)
+    check = partial(check_hessians, layer=layer, allow=ctx.options.allow_nonfinite)
+    calibration = Calibration(
+        recipe.calibration, recipe.min_tokens, recipe.tie_gate_up, ctx.memory.hessian_bytes, dist, check
+    )
     moe = block.mlp if isinstance(block.mlp, MoE) else None
 
     def on_experts() -> None:
@@ -251,16 +256,6 @@ def _block_awq(
     return BlockAWQ(block, sites, mine, recipe.solver, dist, stored)
 
 
-def _share_dense_weights(block: Block, groups: Sequence[LinearGroup], solved: Solved, dist: Dist) -> None:
-    """Rank 0 solved the non-expert groups; every rank needs their quantized weights for the forward."""
-    modules = dict(block.named_modules())
-    for member in sorted(m for g in groups if g.expert is None for m in g.members):
-        weight = solved.weights.get(member)
-        if weight is None:
-            weight = torch.empty_like(modules[member].weight, dtype=torch.float32)
-        modules[member].weight.data = dist.broadcast(weight.float().contiguous()).to(modules[member].weight.dtype)
-
-
 def _finish_block(ctx: _Run, layer: int, report: BlockReport) -> None:
     output, dist = ctx.output, ctx.dist
     old = output.activation_path(layer, dist)
@@ -287,6 +282,7 @@ def _finish(ctx: _Run) -> None:
             # The MTP layer is not part of the decoder the config describes: bf16, in the ignore list.
             file = shard_name(1 + layer, manifest.total_shards)
             names = reader.names(reader.layer_prefix(layer))
+            check_source_tensors(reader, names, ctx.device, ctx.options.allow_nonfinite, ctx.reporter.warning)
             write_shard(output.path / file, plan_tensors(reader, names, {}, {}, keep_fp8=False), _CRASH_WRITE)
             output.record_shard(key, file)
             output.save()

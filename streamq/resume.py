@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ MANIFEST_NAME = "streamq_manifest.json"
 EVENTS_LOG = "streamq_events.jsonl"  # the progress log may be opened before the output is
 WORK_DIR = ".streamq"
 FORMAT = 1
+LAYER_SHARD = "layer."  # manifest keys of finished decoder blocks: "layer.N"
 
 
 @dataclass
@@ -53,6 +55,10 @@ class Manifest:
     ranks: int | None = None  # processes the saved activations are split across, while the run is unfinished
     complete: bool = False
     format: int = FORMAT
+
+    @property
+    def finished_blocks(self) -> int:
+        return sum(key.startswith(LAYER_SHARD) for key in self.shards)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -92,23 +98,58 @@ class OutputDir:
         manifest_path = path / MANIFEST_NAME
         if manifest_path.is_file():
             out = cls(path, _read_manifest(manifest_path))
-            out._check_compatible(recipe, config_sha, ranks)
-            out._verify_last_shard()
+            if out.restarts(recipe, config_sha, ranks):
+                out._discard()
+                out = cls._new(path, recipe, config_sha, total_shards)
+            else:
+                out._check_compatible(recipe, config_sha, ranks)
+                out._verify_last_shard()
         elif path.exists() and any(p.name != EVENTS_LOG for p in path.iterdir()):
             raise StreamqError(
                 f"{path}: exists, is not empty and has no {MANIFEST_NAME}; choose a new or empty OUT directory"
             )
         else:
-            manifest = Manifest(recipe=recipe.digest(), model_config_sha256=config_sha, total_shards=total_shards)
-            out = cls(path, manifest)
-            path.mkdir(parents=True, exist_ok=True)
-            recipe.save(path)
+            out = cls._new(path, recipe, config_sha, total_shards)
         if not out.manifest.complete:
             out.manifest.ranks = ranks
         out.save()
         out.work.mkdir(exist_ok=True)
         out._remove_partial_files()
         return out
+
+    @classmethod
+    def _new(cls, path: Path, recipe: Recipe, config_sha: str, total_shards: int) -> OutputDir:
+        manifest = Manifest(recipe=recipe.digest(), model_config_sha256=config_sha, total_shards=total_shards)
+        path.mkdir(parents=True, exist_ok=True)
+        recipe.save(path)
+        return cls(path, manifest)
+
+    def restarts(self, recipe: Recipe, config_sha: str, ranks: int) -> bool:
+        """True when this unfinished output cannot be resumed by this run but holds no finished block: it is
+        then started over instead of refused."""
+        if self.manifest.complete or self.manifest.finished_blocks:
+            return False
+        try:
+            self._check_compatible(recipe, config_sha, ranks)
+        except StreamqError:
+            return True
+        return False
+
+    def _discard(self) -> None:
+        """Remove what the earlier run wrote (its shards, recipe, work directory and manifest, last)."""
+        for record in self.manifest.shards.values():
+            (self.path / record.file).unlink(missing_ok=True)
+        (self.path / RECIPE_NAME).unlink(missing_ok=True)
+        shutil.rmtree(self.work, ignore_errors=True)
+        self._remove_partial_files()
+        (self.path / MANIFEST_NAME).unlink(missing_ok=True)
+
+    @classmethod
+    def open_together(cls, path: Path, recipe: Recipe, config_sha: str, total_shards: int, dist: Dist) -> OutputDir:
+        """``open`` on rank 0; the other ranks attach once it has checked or created OUT."""
+        output = cls.open(path, recipe, config_sha, total_shards, dist.world) if dist.main else None
+        dist.barrier()
+        return output if output is not None else cls.attach(path, dist.world)
 
     @classmethod
     def attach(cls, path: Path, ranks: int) -> OutputDir:
@@ -196,6 +237,12 @@ class OutputDir:
 
     def timings_path(self, key: str) -> Path:
         return self.work / f"report-{key}.json"
+
+
+def peek_manifest(out: Path) -> Manifest | None:
+    """OUT's manifest, read without changing anything, or None when there is none."""
+    path = Path(out) / MANIFEST_NAME
+    return _read_manifest(path) if path.is_file() else None
 
 
 def _read_manifest(path: Path) -> Manifest:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from streamq.distributed import Dist
 from streamq.export.compressed_tensors import pack_linear
 from streamq.groups import LinearGroup
 from streamq.resume import crash_point
@@ -106,3 +107,14 @@ class Solver:
             else:
                 self.modules[member].weight.data = part.weight.to(self.modules[member].weight.dtype)
             row += rows
+
+
+def share_dense_weights(
+    modules: dict[str, nn.Module], groups: Sequence[LinearGroup], solved: Solved, dist: Dist
+) -> None:
+    """Rank 0 solved the non-expert groups; every rank needs their quantized weights for the forward."""
+    for member in sorted(m for g in groups if g.expert is None for m in g.members):
+        weight = solved.weights.get(member)
+        if weight is None:
+            weight = torch.empty_like(modules[member].weight, dtype=torch.float32)
+        modules[member].weight.data = dist.broadcast(weight.float().contiguous()).to(modules[member].weight.dtype)

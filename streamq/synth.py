@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from streamq.errors import StreamqError
 from streamq.io.safetensors_stream import INDEX_NAME, SCALE_SUFFIX
 from streamq.io.safetensors_write import TensorSpec, write_safetensors
 from streamq.kernels.fp8_blocks import quantize_fp8_blocks
@@ -133,7 +134,7 @@ def synth_config(opts: SynthOptions) -> dict[str, object]:
     if opts.dense_layers is not None:
         cfg["first_k_dense_replace"] = opts.dense_layers
     if opts.experts is not None:
-        cfg["n_routed_experts"] = opts.experts
+        cfg.update(fit_routing(cfg, opts.experts))
     if not opts.mtp:
         cfg["num_nextn_predict_layers"] = 0
     if opts.config_style not in CONFIG_STYLES:
@@ -162,6 +163,19 @@ def transformers5_style(cfg: dict[str, Any]) -> dict[str, Any]:
     out["rope_parameters"] = {**scaling, "rope_theta": float(cfg["rope_theta"])}
     out["rope_interleave"] = True
     return out
+
+
+def fit_routing(cfg: dict[str, object], experts: int) -> dict[str, int]:
+    """The routing fields for ``experts`` routed experts, kept as close to the preset's as a valid config allows:
+    n_group must divide the experts, topk_group cannot exceed n_group, and the kept groups must hold at least
+    num_experts_per_tok experts."""
+    if experts < 1:
+        raise StreamqError(f"--experts {experts}: a MoE model needs at least one routed expert")
+    top_k = min(int(cfg["num_experts_per_tok"]), experts)
+    groups = max(g for g in range(1, min(int(cfg["n_group"]), experts) + 1) if experts % g == 0)
+    per_group = experts // groups
+    topk_group = max(min(int(cfg["topk_group"]), groups), -(-top_k // per_group))
+    return {"n_routed_experts": experts, "num_experts_per_tok": top_k, "n_group": groups, "topk_group": topk_group}
 
 
 def tokenizer_vocab_size(tokenizer_dir: Path) -> int:

@@ -294,6 +294,13 @@ def gpu_peak_bytes() -> int | None:
         return None
 
 
+def _nan_max(values: Sequence[float]) -> float | None:
+    """The largest value, NaN when any is NaN (``max`` would depend on where the NaN is)."""
+    if not values:
+        return None
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
+
+
 def json_safe(value: Any) -> Any:
     """``value`` with non-finite floats as strings: json.dumps would write NaN, which strict parsers reject."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -785,9 +792,10 @@ class Reporter:
         with self._lock:
             state = self.state
             seconds = self._clock() - state.started if state.started is not None else 0.0
-            finite = [e for e in state.rel_errors if math.isfinite(e)]
-            mean = sum(finite) / len(finite) if finite else None
-            state.end = RunEnd(status, seconds, mean, max(finite) if finite else None)
+            # A NaN block error (a run with --allow-nonfinite) makes the mean and max NaN: never hidden.
+            errors = list(state.rel_errors)
+            mean = sum(errors) / len(errors) if errors else None
+            state.end = RunEnd(status, seconds, mean, _nan_max(errors))
             self._ended = True
         self._emit(
             "run_end",
