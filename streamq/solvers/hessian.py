@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Literal
 
 import torch
@@ -174,6 +175,38 @@ def prepare_hessians(
     if perm is not None:
         perm = torch.where(use_rtn.unsqueeze(1), identity, perm)
     return PreparedHessians(feedback=work, perm=perm, dead=dead, use_rtn=use_rtn, form=factor.form, fallbacks=counter)
+
+
+GRAM_CHUNK = 8192  # tokens per tensor-core product in ``accumulate_gram_``
+
+
+def accumulate_gram_(total: torch.Tensor, x: torch.Tensor) -> None:
+    """``total += xᵀx`` for ``x [tokens, n]`` into a float32 ``total [n, n]``.
+
+    On CUDA, bf16/fp16 inputs are multiplied on the tensor cores with float32 accumulation: the product of two
+    bf16 numbers is exact in float32, so this differs from upcasting first only in the order of the float32 sums
+    (the 16× faster path: fp32 matrix products run on the CUDA cores). Other inputs, and every CPU input, are
+    upcast to float32 first, so CPU Hessians are bit for bit what they were."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _half_gram_supported(x.device, x.dtype):
+        # cuBLAS's sum over a long token dimension loses precision (relative error 1.4e-4 at 32768 tokens against
+        # 2.9e-5 at 8192, measured on an H200): products over chunks of tokens, summed in float32, bound it.
+        for chunk in x.split(GRAM_CHUNK):
+            torch.addmm(total, chunk.t(), chunk, out_dtype=torch.float32, out=total)
+        return
+    xf = x.float()
+    total.addmm_(xf.t(), xf)
+
+
+@cache
+def _half_gram_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch has the float32-output matrix product for ``dtype`` inputs on ``device`` (torch ≥ 2.8)."""
+    probe = torch.ones(2, 2, dtype=dtype, device=device)
+    total = torch.zeros(2, 2, dtype=torch.float32, device=device)
+    try:
+        torch.addmm(total, probe.t(), probe, out_dtype=torch.float32, out=total)
+    except (RuntimeError, TypeError):
+        return False
+    return bool((total == 2).all())
 
 
 def hessian_weighted_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
