@@ -2,12 +2,17 @@
 
 Writes a DeepSeek-V3-width checkpoint (by default 1 dense + 2 MoE layers, 256 experts, FP8 blocks), quantizes it
 (4-bit, group 128, GPTQ with act-order, routed calibration) with `streamq run` for each GPU count asked for, and
-prints the per-block seconds split into load / calibrate / solve / write / propagate, then extrapolates to the
-full model: 3 dense + 58 MoE layers and 512 × 4096 calibration tokens. Calibration and propagation scale with the
-token count; load, solve and write do not (the solver's cost depends on the Hessians' size, not on how many tokens
-built them).
+prints the per-block seconds split into load / calibrate / solve / write / propagate, each with its floor beside
+it (see ``floors``), and the peak resident memory of the whole process tree (all ranks summed, sampled every
+0.2 s). Then the full model: 3 dense + 58 MoE layers at 512 × 4096 calibration tokens. At that token count
+(``--samples 512 --seq-len 4096``) the figure is the measured per-block times; at fewer tokens calibration and
+propagation are scaled by the token ratio (load, solve and write do not depend on it), which is only an estimate.
+
+At 512 × 4096 tokens one activation file is 30 GB and two exist at once: give ``--out`` a file system with room for
+60 GB plus the output (about 17 GB for 1 dense + 2 MoE blocks) apart from the 27 GB checkpoint in ``--work``.
 
     PYTHONPATH=$PWD python3 bench/pipeline.py --work /tmp/bench --samples 64 --seq-len 2048 --gpus 1,2
+    PYTHONPATH=$PWD python3 bench/pipeline.py --work /tmp/bench --out /mnt/ram --samples 512 --seq-len 4096
 """
 
 from __future__ import annotations
@@ -19,17 +24,25 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 
+from streamq.config import ModelConfig
 from streamq.report import REPORT_NAME
 from streamq.synth import SynthOptions, write_synthetic_checkpoint
 
 STAGES = ("load", "calibrate", "solve", "write", "propagate")
 PER_TOKEN = ("calibrate", "propagate")
 FULL_DENSE, FULL_MOE, FULL_TOKENS = 3, 58, 512 * 4096
+# Rates the floors are computed with, measured on an H200 by bench/profile_forward.py (2026-11-30): an 8192³ bf16
+# matrix product, and the disk write rate seen by fsync-ed activation files; the solver's own time per expert
+# (gate/up tied + down) from bench/gptq.py (bench/RESULTS.md, issue 3).
+BF16_FLOPS = 780e12
+DISK_WRITE_BPS = 2.4e9
+SOLVER_S_PER_EXPERT = (3.52 + 1.55) * 1e-3
 
 
 def main() -> None:
@@ -45,6 +58,7 @@ def main() -> None:
     parser.add_argument("--calibration", default="routed")
     parser.add_argument("--gpus", default="1", help="comma-separated process counts to measure, e.g. 1,2")
     parser.add_argument("--json", type=Path, default=None, help="write the measurements here")
+    parser.add_argument("--out", type=Path, default=None, help="where OUT goes (default: WORK/out-N)")
     args = parser.parse_args()
 
     model = args.work / "model"
@@ -67,9 +81,11 @@ def main() -> None:
         "tokens": args.samples * args.seq_len,
         "runs": {},
     }
+    cfg = ModelConfig.load(model)
+    results["floors"] = {kind: floors(cfg, args.samples, args.seq_len, kind) for kind in ("dense", "moe")}
     for gpus in (int(g) for g in args.gpus.split(",")):
         results["runs"][gpus] = measure(args, model, gpus)
-        print_table(results["runs"][gpus], gpus, results["tokens"], results["device"])
+        print_table(results["runs"][gpus], gpus, results["tokens"], results["device"], results["floors"])
     if len(results["runs"]) > 1:
         print_speedup(results["runs"])
     if args.json:
@@ -77,7 +93,7 @@ def main() -> None:
 
 
 def measure(args: argparse.Namespace, model: Path, gpus: int) -> dict:
-    out = args.work / f"out-{gpus}"
+    out = (args.out or args.work) / f"out-{gpus}"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [
         sys.executable,
@@ -100,12 +116,98 @@ def measure(args: argparse.Namespace, model: Path, gpus: int) -> dict:
         str(gpus),
     ]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    peak = PeakRss(proc.pid)
+    if proc.wait():
+        raise SystemExit(f"streamq run failed with exit status {proc.returncode}")
+    seconds = time.perf_counter() - start
     blocks = json.loads((out / REPORT_NAME).read_text())["blocks"]
+    shutil.rmtree(out, ignore_errors=True)  # the next GPU count needs the room
     return {
-        "run_seconds": time.perf_counter() - start,
+        "run_seconds": seconds,
+        "peak_rss_gib": peak.stop() / 2**30,
         "blocks": blocks,
         "extrapolation": extrapolate(blocks, args.samples * args.seq_len),
+    }
+
+
+class PeakRss:
+    """The largest sum of resident memory over a process and all its descendants, sampled from /proc."""
+
+    def __init__(self, root: int, every: float = 0.2) -> None:
+        self.root, self.every, self.peak = root, every, 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join()
+        return self.peak
+
+    def _poll(self) -> None:
+        while not self._done.wait(self.every):
+            self.peak = max(self.peak, sum(_rss(pid) for pid in _tree(self.root)))
+
+
+def _tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def _rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def floors(cfg: ModelConfig, samples: int, seq: int, kind: str) -> dict[str, float]:
+    """Seconds no implementation beats by much, per stage of one block on one GPU (rates above).
+
+    load: 0 (reading the next block's weights overlaps this one's work; FP8 bytes / disk otherwise); calibrate: one
+    pass of attention, router, routed gate/up products and the expert Hessians (XᵀX per routed token, gate/up and
+    down) on the tensor cores; solve: the solver's own time per expert; write: the packed experts' bytes at the
+    disk's rate (overlappable); propagate: the block's forward."""
+    h, heads, tokens = cfg.hidden_size, cfg.num_attention_heads, samples * seq
+    proj = (
+        h * (cfg.q_lora_rank or 0)
+        + (cfg.q_lora_rank or h) * heads * cfg.qk_head_dim
+        + h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        + cfg.kv_lora_rank * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+        + heads * cfg.v_head_dim * h
+    )
+    attention = 2 * tokens * proj + 2 * tokens * heads * (seq / 2) * (cfg.qk_head_dim + cfg.v_head_dim)
+    if kind == "dense":
+        forward = attention + 2 * tokens * 3 * h * cfg.intermediate_size
+        return {"load": 0.0, "calibrate": 0.0, "solve": 0.0, "write": 0.0, "propagate": forward / BF16_FLOPS}
+    k, inter, experts = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.n_routed_experts
+    routed = 2 * tokens * k * 3 * h * inter
+    shared = 2 * tokens * 3 * h * inter * cfg.n_shared_experts
+    hessians = 2 * tokens * k * (h * h + inter * inter)
+    calibrate = attention + routed * 2 / 3 + hessians
+    packed = experts * 3 * h * inter * (0.5 + 2 / 128)  # 4-bit values and a bf16 scale per group of 128
+    return {
+        "load": 0.0,
+        "calibrate": calibrate / BF16_FLOPS,
+        "solve": experts * SOLVER_S_PER_EXPERT,
+        "write": packed / DISK_WRITE_BPS,
+        "propagate": (attention + routed + shared) / BF16_FLOPS,
     }
 
 
@@ -128,20 +230,25 @@ def extrapolate(blocks: list[dict], tokens: int) -> dict[str, float]:
     }
 
 
-def print_table(run: dict, gpus: int, tokens: int, device: str) -> None:
+def print_table(run: dict, gpus: int, tokens: int, device: str, floor: dict[str, dict[str, float]]) -> None:
     print(f"\n{gpus} x {device}: {tokens} calibration tokens; run {run['run_seconds']:.1f} s")
+    print(f"peak resident memory of the process tree: {run['peak_rss_gib']:.1f} GiB")
+    print("seconds per stage, the floor for one GPU in brackets")
     print("| block | kind | " + " | ".join(STAGES) + " | total | rel. error |")
     print("|---" * (len(STAGES) + 4) + "|")
     for b in run["blocks"]:
         secs = [b["seconds"].get(s, 0.0) for s in STAGES]
+        floors_ = floor[b["kind"]]
+        cells = " | ".join(f"{sec:.1f} ({floors_[s]:.1f})" for sec, s in zip(secs, STAGES, strict=True))
         err = "-" if b["rel_error"] is None else f"{b['rel_error']:.4f}"
-        print(
-            f"| {b['layer']} | {b['kind']} | " + " | ".join(f"{s:.1f}" for s in secs) + f" | {sum(secs):.1f} | {err} |"
-        )
+        print(f"| {b['layer']} | {b['kind']} | {cells} | {sum(secs):.1f} ({sum(floors_.values()):.1f}) | {err} |")
     x = run["extrapolation"]
+    how = (
+        "measured per-block times" if tokens == FULL_TOKENS else f"calibrate/propagate scaled x{FULL_TOKENS / tokens:g}"
+    )
     print(
-        f"Extrapolated to 3 dense + 58 MoE layers and 512x4096 tokens: dense block {x['dense_block_s']:.1f} s, "
-        f"MoE block {x['moe_block_s']:.1f} s, total {x['total_h']:.2f} h"
+        f"3 dense + 58 MoE layers at 512x4096 tokens ({how}): dense block {x['dense_block_s']:.1f} s, "
+        f"MoE block {x['moe_block_s']:.1f} s, total {x['total_h'] * 60:.1f} min"
     )
 
 

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamq.groups import MOE_INPUT, LinearGroup, Role
-from streamq.model.deepseek import MLP, Block, MoE
+from streamq.model.deepseek import MLP, Block, MoE, route_order
 from streamq.passes import PassPlan
+from streamq.solvers.hessian import accumulate_gram_
 
 
 class Hessians:
@@ -38,11 +39,11 @@ class Hessians:
         self.counts: dict[str, int] = {}
 
     def add(self, key: str, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
+        x = x.reshape(-1, x.shape[-1])
         if key not in self.sums:
             self.sums[key] = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
             self.counts[key] = 0
-        self.sums[key].addmm_(x.t(), x)
+        accumulate_gram_(self.sums[key], x)
         self.counts[key] += x.shape[0]
 
     def mean(self, key: str, dim: int, device: torch.device) -> torch.Tensor:
@@ -110,8 +111,9 @@ def accumulate_experts(
     moe: MoE, x: torch.Tensor, indices: torch.Tensor, spec: PassPlan, hessians: Hessians, tie: bool
 ) -> None:
     """Add one micro-batch ``x`` [tokens, hidden] with routing ``indices`` to the pass's expert Hessians."""
+    order, offsets = route_order(indices, len(moe.experts)) if spec.routed else (indices, [])
     for e in spec.routed:
-        tokens = (indices == e).any(dim=-1).nonzero().flatten()
+        tokens = order[offsets[e] : offsets[e + 1]] // indices.shape[1]
         if tokens.numel() == 0:
             continue
         xe = x[tokens]

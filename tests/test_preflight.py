@@ -21,8 +21,8 @@ from streamq.config import ModelConfig
 from streamq.errors import StreamqError
 from streamq.io.safetensors_stream import INDEX_NAME, CheckpointReader, read_header
 from streamq.io.safetensors_write import save_tensors
-from streamq.pipeline import REPORT_NAME
 from streamq.recipe import Recipe
+from streamq.report import REPORT_NAME
 from streamq.resume import MANIFEST_NAME
 from streamq.solvers.scheme import QuantScheme, SolverConfig
 from streamq.synth import PRESETS, SynthOptions, fit_routing, write_synthetic_checkpoint

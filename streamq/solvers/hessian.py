@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Literal
 
 import torch
@@ -179,6 +180,39 @@ def _factor_in_place(work: torch.Tensor, method: str, factor: FactorOptions) -> 
         work[k] = r
         ok[k] = info == 0
     return ok
+
+
+GRAM_CHUNK = 4096  # tokens per tensor-core product in ``accumulate_gram_``
+
+
+def accumulate_gram_(total: torch.Tensor, x: torch.Tensor) -> None:
+    """``total += xᵀx`` for ``x [tokens, n]`` into a float32 ``total [n, n]``.
+
+    On CUDA, bf16/fp16 inputs are multiplied on the tensor cores with float32 accumulation (12-14x faster than
+    float32 products, which run on the CUDA cores): the products of bf16 numbers are exact, only the summation
+    differs. Other inputs, and every CPU input, are upcast to float32 first, so CPU Hessians are bit for bit what
+    they were."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _half_gram_supported(x.device, x.dtype):
+        # cuBLAS's sum over a long token dimension loses precision: against float64, on an H200 at 32768 tokens
+        # of width 7168, 1.2e-4 in one product, 2.5e-5 in chunks of 8192, 9.5e-6 in chunks of 4096 (15% slower
+        # than one product), 6.2e-6 for float32 on the CUDA cores (14x slower). Chunks summed in float32 bound it.
+        for chunk in x.split(GRAM_CHUNK):
+            torch.addmm(total, chunk.t(), chunk, out_dtype=torch.float32, out=total)
+        return
+    xf = x.float()
+    total.addmm_(xf.t(), xf)
+
+
+@cache
+def _half_gram_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch has the float32-output matrix product for ``dtype`` inputs on ``device`` (torch ≥ 2.8)."""
+    probe = torch.ones(2, 2, dtype=dtype, device=device)
+    total = torch.zeros(2, 2, dtype=torch.float32, device=device)
+    try:
+        torch.addmm(total, probe.t(), probe, out_dtype=torch.float32, out=total)
+    except (RuntimeError, TypeError):
+        return False
+    return bool((total == 2).all())
 
 
 def hessian_weighted_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
