@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from streamq.calibrate import linear_groups
 from streamq.config import ModelConfig
 from streamq.data import load_token_batches
 from streamq.errors import StreamqError
+from streamq.groups import linear_groups
 from streamq.io.safetensors_stream import (
     CT_SCALE_SUFFIX,
     INDEX_NAME,

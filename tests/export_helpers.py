@@ -1,10 +1,14 @@
-"""Test-only helpers for building compressed-tensors checkpoints by hand."""
+"""Test-only helpers for building checkpoints (safetensors files, compressed-tensors layouts) by hand."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
 from streamq.errors import StreamqError
+from streamq.io.safetensors_write import TensorSpec, write_safetensors
 
 
 def with_prefix(module: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -28,3 +32,9 @@ def fp8_block_linear(
             f"{tuple(weight_fp8.shape)} weight in {block[0]}x{block[1]} blocks; check the checkpoint's block size"
         )
     return {"weight": weight_fp8, "weight_scale": weight_scale_inv.to(torch.float32)}
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> int:
+    """Write in-memory tensors (in the mapping's order) atomically (test-only)."""
+    specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    return write_safetensors(path, specs, lambda spec: [tensors[spec.name]], metadata)

@@ -8,24 +8,17 @@ import subprocess
 import sys
 import textwrap
 import zlib
-from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 import torch
+from export_helpers import save_tensors
 
 from streamq.errors import StreamqError
 from streamq.io.safetensors_stream import INDEX_NAME, CheckpointReader
-from streamq.io.safetensors_write import TensorSpec, write_safetensors
 from streamq.kernels.fp8_blocks import dequant_fp8_blocks_ref, dequant_fp8_blocks_triton, quantize_fp8_blocks
 
 RAGGED_SHAPES = [(128, 128), (300, 200), (576, 256), (129, 1), (1, 385)]
-
-
-def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> int:
-    """Write in-memory tensors (in the mapping's order) atomically (test-only)."""
-    specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
-    return write_safetensors(path, specs, lambda spec: [tensors[spec.name]], metadata)
 
 
 def random_fp8(shape: tuple[int, int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from export_helpers import save_tensors
 
 from streamq.cli import main
 from streamq.config import ModelConfig
 from streamq.errors import StreamqError
 from streamq.io.safetensors_stream import INDEX_NAME, CheckpointReader, read_header
-from streamq.io.safetensors_write import save_tensors
 from streamq.recipe import Recipe
 from streamq.report import REPORT_NAME
 from streamq.resume import MANIFEST_NAME
