@@ -32,6 +32,7 @@ import torch
 from streamq.config import ModelConfig
 from streamq.data import load_token_batches
 from streamq.errors import StreamqError
+from streamq.export.vllm_contract import vllm_mismatches
 from streamq.groups import linear_groups
 from streamq.io.safetensors_stream import (
     CT_SCALE_SUFFIX,
@@ -69,7 +70,8 @@ def check_before_output(model_dir: Path, out: Path, recipe: Recipe, world: int =
     with CheckpointReader(model_dir) as reader:
         check_tensors(reader)
         check_scheme(reader, recipe)
-    warnings: list[str] = []
+        # Not an error: transformers loads such an output exactly; vLLM would compute something else.
+        warnings = [f"{model_dir}/config.json: {problem}" for problem in vllm_mismatches(reader.config)]
     manifest = peek_manifest(Path(out))
     restart = manifest is not None and OutputDir(Path(out), manifest).restarts(recipe, config_sha(model_dir), world)
     if restart:

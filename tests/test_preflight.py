@@ -19,8 +19,10 @@ from export_helpers import save_tensors
 
 from streamq.cli import main
 from streamq.config import ModelConfig
+from streamq.data_config import DataConfig
 from streamq.errors import StreamqError
 from streamq.io.safetensors_stream import INDEX_NAME, CheckpointReader, read_header
+from streamq.preflight import check_before_output
 from streamq.recipe import Recipe
 from streamq.report import REPORT_NAME
 from streamq.resume import MANIFEST_NAME
@@ -375,3 +377,16 @@ def test_preflight_reads_headers_only(model: Path, monkeypatch) -> None:
         check_scheme(reader, Recipe(scope="all"))
         with pytest.raises(StreamqError, match="not a multiple of --group-size 100"):
             check_scheme(reader, Recipe(solver=SolverConfig(scheme=QuantScheme(group_size=100))))
+
+
+def test_what_vllm_cannot_reproduce_is_a_warning_before_the_run(tmp_path: Path) -> None:
+    opts = SynthOptions(preset="tiny", overrides={"rope_interleave": False})
+    model = write_synthetic_checkpoint(tmp_path / "model", opts)
+    recipe = Recipe(data=DataConfig(source="builtin", num_samples=2, seq_len=8))
+    checked = check_before_output(model, tmp_path / "out", recipe)
+    assert any("config.json: rope_interleave false" in w for w in checked.warnings), checked.warnings
+    assert not (tmp_path / "out").exists()
+    plain = check_before_output(
+        write_synthetic_checkpoint(tmp_path / "plain", SynthOptions(preset="tiny")), tmp_path / "o2", recipe
+    )
+    assert not any("rope_interleave" in w for w in plain.warnings)
