@@ -1,7 +1,7 @@
 """streamq against llm-compressor's GPTQ on the trained fixture, same tokens in, same scorer out, several seeds.
 
     python3 bench/peers.py --setup-venv /tmp/peers-venv      # once: llm-compressor's own virtualenv (network)
-    PYTHONPATH=$PWD python3 bench/peers.py --work /tmp/peers --seeds 0 1 2
+    PYTHONPATH=$PWD python3 bench/peers.py --work /tmp/peers       # the table in bench/RESULTS.md (~1 h on 2 cores)
 
 llm-compressor is never installed next to streamq: ``--setup-venv`` creates a virtualenv with the CPU build of
 torch 2.13.0 (installed first, so llm-compressor does not pull a CUDA build) and ``llmcompressor==0.14.0.1``, and
@@ -316,17 +316,25 @@ def spread(values: list[float]) -> str:
 
 def print_table(rows: list[dict], tokens: int, source_ppl: float) -> None:
     print(f"\nHeld-out Tiny Shakespeare, {tokens} predicted tokens, source perplexity {source_ppl:.4f}.")
-    print("KL(source ‖ quantized) nats/token; mean ± sample std over seeds (per-seed values in brackets)\n")
-    print("| recipe | tool | seeds | KL | top-1 | perplexity | KL per seed |")
-    print("|---|---|---|---|---|---|---|")
-    groups: dict[tuple[str, str], list[dict]] = {}
+    print("KL(source ‖ quantized) nats/token, mean ± sample std over seeds; last column: mean KL over")
+    print("llm-compressor's (first llm-compressor dtype) on the seeds both have\n")
+    print("| recipe | tool | seeds | KL | KL by seed | top-1 | perplexity | KL / llm-compressor's |")
+    print("|---|---|---|---|---|---|---|---|")
+    groups: dict[tuple[str, str], dict[int, dict]] = {}
     for row in rows:
-        groups.setdefault((row["recipe"], row["tool"]), []).append(row)
-    for (recipe, tool), group in groups.items():
-        kls = [r["kl"] for r in group]
+        groups.setdefault((row["recipe"], row["tool"]), {})[row["seed"]] = row
+    for (recipe, tool), by_seed in groups.items():
+        kls = [r["kl"] for r in by_seed.values()]
+        peer = next((g for (rc, t), g in groups.items() if rc == recipe and t.startswith("llm-compressor")), {})
+        common = [s for s in by_seed if s in peer]
+        ratio = "-"
+        if common and not tool.startswith("llm-compressor"):
+            ours = statistics.fmean(by_seed[s]["kl"] for s in common)
+            ratio = f"{ours / statistics.fmean(peer[s]['kl'] for s in common):.3f}"
         print(
-            f"| {recipe} | {tool} | {len(group)} | {spread(kls)} | {spread([r['top1'] for r in group])[:6]} | "
-            f"{statistics.fmean(r['perplexity'] for r in group):.4f} | {', '.join(f'{k:.5f}' for k in kls)} |"
+            f"| {recipe} | {tool} | {len(kls)} | {spread(kls)} | {', '.join(f'{k:.5f}' for k in kls)} | "
+            f"{statistics.fmean(r['top1'] for r in by_seed.values()):.4f} | "
+            f"{statistics.fmean(r['perplexity'] for r in by_seed.values()):.4f} | {ratio} |"
         )
 
 
@@ -339,11 +347,11 @@ def main() -> None:
     parser.add_argument("--text", type=Path, default=TEXT)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=list(RECIPES))
-    parser.add_argument("--streamq-dtypes", nargs="*", choices=("bfloat16", "float32"), default=["bfloat16"])
+    parser.add_argument("--streamq-dtypes", nargs="*", choices=("bfloat16", "float32"), default=["bfloat16", "float32"])
     parser.add_argument("--llmc-dtypes", nargs="*", choices=("bfloat16", "float32"), default=["bfloat16"])
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--eval-samples", type=int, default=256)
+    parser.add_argument("--eval-samples", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
