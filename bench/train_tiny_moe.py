@@ -2,6 +2,15 @@
 
     PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python3 bench/train_tiny_moe.py --text .data/tinyshakespeare.txt --out OUT
     PYTHONPATH=$PWD python3 bench/train_tiny_moe.py --smoke --text .data/tinyshakespeare.txt --out /tmp/tiny  # CPU
+    PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python3 bench/train_tiny_moe.py --preset bpe --tokenizer TOK --out OUT
+
+``--preset bpe`` is the larger option (not committed; train it on a GPU): a DeepSeek-V3 BPE vocabulary cut down to
+the tokens the text uses (``restricted_bpe``: the source tokenizer's pre-tokenizer, byte-level alphabet and merge
+order, keeping only the merges that build the text's tokens, checked to tokenize the whole text exactly as the
+source tokenizer does), and a wider model with more experts (hidden 384, 6 layers, 64 experts in 8 groups, top-6
+from 4 groups). With ~12k tokens in the vocabulary instead of 256 bytes, and more experts per token, quantization
+error reaches the next-token distribution through many more logits, so KL differences between methods stand
+further above the spread over calibration seeds than on the byte-level fixture.
 
 Random weights say little about quantization quality, so tests and benchmarks need a model that has learned
 something, in exactly the layout streamq quantizes: MLA with q_lora_rank, dense first layer, sigmoid router with
@@ -61,14 +70,16 @@ from streamq.config import ModelConfig
 from streamq.data import DataConfig, HFTokenizer, chunk_text, load_token_batches, load_tokenizer, split_text
 from streamq.io.safetensors_stream import CheckpointReader
 from streamq.model.deepseek import Block, Gate, Head, MoE, RMSNorm, forward_blocks, rope_cos_sin
-from streamq.synth import SynthOptions, state_slabs, synth_config, write_release_checkpoint
+from streamq.synth import SynthOptions, state_slabs, synth_config, tokenizer_vocab_size, write_release_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TEXT = REPO.parent / "shared" / "fixtures" / "text" / "tinyshakespeare.txt"
-FIXTURE_NAME = "tiny-moe-shakespeare"
+SHARED = next((d / "shared" / "fixtures" for d in REPO.parents if (d / "shared" / "fixtures").is_dir()), REPO)
+DEFAULT_TEXT = SHARED / "text" / "tinyshakespeare.txt"
+DEFAULT_BPE = SHARED / "tokenizers" / "deepseek-v3"
 COMMAND = (
     "PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python3 bench/train_tiny_moe.py --text .data/tinyshakespeare.txt --out OUT"
 )
+BPE_COMMAND = COMMAND.replace("--text .data/tinyshakespeare.txt", "--preset bpe --tokenizer TOK")
 EVAL_FRACTION = 0.1
 
 SPECIAL_TOKENS = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>")  # DeepSeek's names, ids 0-2
@@ -102,6 +113,28 @@ MODEL_FIELDS: dict[str, object] = {
     "eos_token_id": 1,
 }
 
+# The larger option: hidden 384, q_lora 384, kv_lora 256, 6 heads x v 64 = 384, experts of 128, dense 1024;
+# 64 experts in 8 groups, top-6 from 4 groups (DeepSeek-V3: 256 in 8, top-8 from 4). vocab_size comes from
+# the tokenizer.
+LARGE_FIELDS: dict[str, object] = {
+    **MODEL_FIELDS,
+    "hidden_size": 384,
+    "intermediate_size": 1024,
+    "moe_intermediate_size": 128,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 6,
+    "q_lora_rank": 384,
+    "kv_lora_rank": 256,
+    "qk_nope_head_dim": 64,
+    "qk_rope_head_dim": 32,
+    "v_head_dim": 64,
+    "n_routed_experts": 64,
+    "num_experts_per_tok": 6,
+    "n_group": 8,
+    "topk_group": 4,
+}
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -127,6 +160,24 @@ class TrainConfig:
     held_out_limit: int | None = None  # windows; None: the whole held-out split
     shards: int = 4
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class Preset:
+    fixture: str  # directory name of the written checkpoint
+    vocab: str  # "bytes" or "bpe"
+    fields: dict[str, object]
+    train: TrainConfig
+
+
+PRESETS = {
+    "tiny": Preset("tiny-moe-shakespeare", "bytes", MODEL_FIELDS, TrainConfig()),
+    # ~270k training tokens instead of 1M bytes: fewer steps before it overfits; a longer time budget for the
+    # wider model's dense dispatch (64 experts computed for every token).
+    "bpe": Preset(
+        "moe-shakespeare-bpe", "bpe", LARGE_FIELDS, TrainConfig(steps=800, max_train_seconds=420.0, dropout=0.25)
+    ),
+}
 
 
 SMOKE = TrainConfig(
@@ -169,9 +220,54 @@ def byte_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def write_tokenizer(out_dir: Path) -> Path:
+def restricted_bpe(source_dir: Path, text: str) -> Tokenizer:
+    """``source_dir``'s byte-level BPE tokenizer keeping only what ``text`` needs: DeepSeek's three specials at
+    ids 0-2, the 256 byte symbols (so any text still encodes), every token the text is split into and, from the
+    merges, every token that one of those is built from. Kept merges keep their order, so the result splits the
+    text exactly as the source tokenizer does (checked), into ids 0..n instead of up to 128k."""
+    spec = json.loads((source_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    source = Tokenizer.from_str(json.dumps(spec))
+    used = {tok for e in source.encode_batch(chunk_text(text, 1 << 16), add_special_tokens=False) for tok in e.tokens}
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in spec["model"]["merges"]]
+    parts_of: dict[str, list[tuple[str, str]]] = {}
+    for a, b in merges:
+        parts_of.setdefault(a + b, []).append((a, b))
+    keep, todo = set(used), list(used)
+    while todo:
+        for pair in parts_of.get(todo.pop(), []):
+            for part in pair:
+                if part not in keep:
+                    keep.add(part)
+                    todo.append(part)
+    old_ids = spec["model"]["vocab"]
+    ordered = [*byte_symbols().values(), *sorted(keep - set(byte_symbols().values()), key=old_ids.__getitem__)]
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    vocab.update({token: i + BYTE_OFFSET for i, token in enumerate(ordered)})
+    spec["model"]["vocab"] = vocab
+    spec["model"]["merges"] = [[a, b] for a, b in merges if a + b in keep and a in vocab and b in vocab]
+    spec["added_tokens"] = [
+        {
+            "id": i,
+            "content": t,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for i, t in enumerate(SPECIAL_TOKENS)
+    ]
+    restricted = Tokenizer.from_str(json.dumps(spec))
+    for chunk in chunk_text(text, 1 << 16):
+        ours = restricted.encode(chunk, add_special_tokens=False).tokens
+        if ours != source.encode(chunk, add_special_tokens=False).tokens:
+            raise RuntimeError(f"{source_dir}: the restricted vocabulary splits the text differently")
+    return restricted
+
+
+def write_tokenizer(out_dir: Path, tokenizer: Tokenizer) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    byte_tokenizer().save(str(out_dir / "tokenizer.json"))
+    tokenizer.save(str(out_dir / "tokenizer.json"))
     bos, eos, pad = SPECIAL_TOKENS
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -188,13 +284,15 @@ def write_tokenizer(out_dir: Path) -> Path:
 
 
 def load_checked_tokenizer(tokenizer_dir: Path) -> HFTokenizer:
-    """The tokenizer as streamq.data loads it, failing if it fell back to bytes or disagrees with the ids."""
+    """The tokenizer as streamq.data loads it, failing if it fell back to bytes, or (for the byte vocabulary, the
+    one without merges) disagrees with the ids byte + 3."""
     tokenizer = load_tokenizer(tokenizer_dir, warn=_raise)
     if not isinstance(tokenizer, HFTokenizer):
         raise RuntimeError(f"streamq.data did not load {tokenizer_dir}/tokenizer.json ({tokenizer.name})")
     sample = "First Citizen:\nWe are accounted poor citizens, the patricians good. — Ça va?\n"
     ids = tokenizer.encode([sample])[0]
-    if ids != [b + BYTE_OFFSET for b in sample.encode("utf-8")] or tokenizer.bos_id != 0:
+    merges = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]["merges"]
+    if tokenizer.bos_id != 0 or (not merges and ids != [b + BYTE_OFFSET for b in sample.encode("utf-8")]):
         raise RuntimeError(f"{tokenizer_dir}: ids are not byte + {BYTE_OFFSET} with BOS 0")
     if tokenizer.tokenizer.decode(ids) != sample:
         raise RuntimeError(f"{tokenizer_dir}: decode(encode(text)) != text")
@@ -534,6 +632,8 @@ class Metrics:
     loss_curve: list[tuple[int, float]]
     held_out_curve: list[tuple[int, float]]
     train: TrainConfig
+    fixture: str = PRESETS["tiny"].fixture
+    unit: str = "byte"  # what one token is: "byte", or "token" for the BPE vocabulary
 
 
 def write_checkpoint(
@@ -549,6 +649,12 @@ def directory_bytes(path: Path) -> int:
 
 def summary_lines(m: Metrics, cfg: ModelConfig) -> list[str]:
     ln2 = math.log(2)
+    u = m.unit
+    size_note = (
+        " (tokens are bytes: loss per token = loss per byte)"
+        if u == "byte"
+        else f" (vocabulary {cfg.vocab_size}: DeepSeek-V3's BPE restricted to the text's tokens)"
+    )
     return [
         f"- command: `{m.command}`",
         f"- device: {m.device}, torch {m.torch_version}, {m.date}",
@@ -559,14 +665,13 @@ def summary_lines(m: Metrics, cfg: ModelConfig) -> list[str]:
         f"- training: {m.steps} steps of {m.train.batch_size} x {m.train.seq_len} tokens ({m.tokens_seen / 1e6:.1f}M "
         f"tokens) in {m.train_seconds:.1f} s; AdamW lr {m.train.lr:g}, bf16 autocast, dropout {m.train.dropout:g}, "
         f"bias update rate {m.train.bias_update_rate:g}",
-        f"- train-split loss {m.train_loss:.4f} nats/byte ({m.train_loss / ln2:.3f} bits/byte, perplexity "
+        f"- train-split loss {m.train_loss:.4f} nats/{u} ({m.train_loss / ln2:.3f} bits/{u}, perplexity "
         f"{math.exp(m.train_loss):.2f}) on {m.train.train_eval_windows} windows",
-        f"- held-out loss {m.held_out_loss:.4f} nats/byte ({m.held_out_loss / ln2:.3f} bits/byte, perplexity "
+        f"- held-out loss {m.held_out_loss:.4f} nats/{u} ({m.held_out_loss / ln2:.3f} bits/{u}, perplexity "
         f"{math.exp(m.held_out_loss):.2f}) over {m.held_out_tokens} tokens; uniform would be {m.uniform_loss:.3f}",
         f"- re-loaded FP8 checkpoint (CheckpointReader + forward_blocks, bf16): held-out loss "
         f"{m.held_out_loss_checkpoint:.4f} ({m.held_out_loss_checkpoint - m.held_out_loss:+.4f})",
-        f"- checkpoint: {m.checkpoint_bytes / 1e6:.2f} MB in {m.shards} shards (tokens are bytes: loss per token = "
-        "loss per byte)",
+        f"- checkpoint: {m.checkpoint_bytes / 1e6:.2f} MB in {m.shards} shards{size_note}",
         "- held-out tokens per expert (min / max, perfect balance, idle experts): "
         + "; ".join(
             f"layer {x.layer}: {x.min_tokens} / {x.max_tokens}, {x.balanced:.0f}, {x.idle_experts}" for x in m.load
@@ -575,15 +680,19 @@ def summary_lines(m: Metrics, cfg: ModelConfig) -> list[str]:
 
 
 def readme(m: Metrics, cfg: ModelConfig) -> str:
+    tokens = (
+        "Tokens are bytes (id = byte + 3; 0, 1, 2 are BOS, EOS, pad)."
+        if m.unit == "byte"
+        else "Tokens are DeepSeek-V3's BPE restricted to the tokens the text uses (0, 1, 2 are BOS, EOS, pad)."
+    )
     return "\n".join(
         [
-            "# tiny-moe-shakespeare",
+            f"# {m.fixture}",
             "",
             "A small DeepSeek-V3-layout MoE trained on the first 90% of tinyshakespeare by `bench/train_tiny_moe.py`,"
             " stored in DeepSeek's FP8 release layout (e4m3 weights with 128x128 `weight_scale_inv` blocks, bf16 "
-            "norms, embeddings and router, float32 correction bias). Tokens are bytes (id = byte + 3; 0, 1, 2 are "
-            "BOS, EOS, pad). A test and benchmark fixture for quantization quality; see the script for how it was "
-            "trained, and for an earlier run that overfit.",
+            f"norms, embeddings and router, float32 correction bias). {tokens} A test and benchmark fixture for "
+            "quantization quality; see the script for how it was trained, and for an earlier run that overfit.",
             "",
             *summary_lines(m, cfg),
             "",
@@ -600,14 +709,19 @@ def device_name(device: torch.device) -> str:
 # -- main -------------------------------------------------------------------------------------------------------------
 
 
-def run(text_path: Path, out: Path, cfg: TrainConfig, device: torch.device) -> Metrics:
+def run(
+    text_path: Path, out: Path, preset: Preset, cfg: TrainConfig, device: torch.device, bpe_source: Path
+) -> Metrics:
     def log(message: str) -> None:
         print(message, flush=True)
 
-    fixture = out / FIXTURE_NAME
-    tokenizer_dir = write_tokenizer(out / "tokenizer")
+    fixture = out / preset.fixture
+    text = text_path.read_text(encoding="utf-8")
+    vocabulary = byte_tokenizer() if preset.vocab == "bytes" else restricted_bpe(bpe_source, text)
+    tokenizer_dir = write_tokenizer(out / "tokenizer", vocabulary)
     tokenizer = load_checked_tokenizer(tokenizer_dir)
-    config = synth_config(SynthOptions(preset="tiny", mtp=False, overrides=MODEL_FIELDS, tokenizer_dir=tokenizer_dir))
+    fields = {**preset.fields, "vocab_size": tokenizer_vocab_size(tokenizer_dir)}
+    config = synth_config(SynthOptions(preset="tiny", mtp=False, overrides=fields, tokenizer_dir=tokenizer_dir))
     (tokenizer_dir / "config.json").write_text(json.dumps(config))  # lets streamq.data check ids against the vocab
     model_cfg = ModelConfig.from_dict(config)
 
@@ -618,7 +732,7 @@ def run(text_path: Path, out: Path, cfg: TrainConfig, device: torch.device) -> M
     params = sum(p.numel() for p in model.parameters())
     log(f"{params / 1e6:.2f}M parameters on {device_name(device)}; dispatch gap {gap:.1e}")
 
-    stream = train_stream(text_path.read_text(encoding="utf-8"), tokenizer).to(device)
+    stream = train_stream(text, tokenizer).to(device)
     held_out = held_out_windows(text_path, tokenizer_dir, cfg.seq_len, cfg.held_out_limit).to(device)
     probe_windows = held_out[: cfg.probe_windows]
     log(f"training stream {stream.numel():,} tokens, held-out {held_out.numel():,} tokens")
@@ -640,7 +754,7 @@ def run(text_path: Path, out: Path, cfg: TrainConfig, device: torch.device) -> M
         device=device_name(device),
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         torch_version=torch.__version__,
-        command=COMMAND,
+        command=COMMAND if preset.vocab == "bytes" else BPE_COMMAND,
         params=params,
         steps=record.steps,
         train_seconds=round(record.seconds, 1),
@@ -657,6 +771,8 @@ def run(text_path: Path, out: Path, cfg: TrainConfig, device: torch.device) -> M
         loss_curve=record.loss,
         held_out_curve=record.held_out,
         train=cfg,
+        fixture=preset.fixture,
+        unit="byte" if preset.vocab == "bytes" else "token",
     )
     (fixture / "README.md").write_text(readme(metrics, model_cfg))
     (out / "metrics.json").write_text(json.dumps(asdict(metrics), indent=2) + "\n")
@@ -667,12 +783,15 @@ def run(text_path: Path, out: Path, cfg: TrainConfig, device: torch.device) -> M
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="tinyshakespeare.txt")
-    parser.add_argument("--out", type=Path, required=True, help=f"gets {FIXTURE_NAME}/, tokenizer/, metrics.json")
+    parser.add_argument("--out", type=Path, required=True, help="gets the checkpoint, tokenizer/, metrics.json")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="tiny: the committed fixture")
+    parser.add_argument("--tokenizer", type=Path, default=DEFAULT_BPE, help="source BPE tokenizer for --preset bpe")
     parser.add_argument("--smoke", action="store_true", help="a few tiny steps, to check the script end to end")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    cfg = SMOKE if args.smoke else TrainConfig()
-    run(args.text, args.out, cfg, torch.device(args.device))
+    preset = PRESETS[args.preset]
+    cfg = SMOKE if args.smoke else preset.train
+    run(args.text, args.out, preset, cfg, torch.device(args.device), args.tokenizer)
 
 
 if __name__ == "__main__":
