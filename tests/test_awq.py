@@ -84,6 +84,7 @@ def test_folding_scales_leaves_the_unquantized_block_unchanged(tiny_checkpoint: 
         assert rel(block(x, cos.double(), sin.double()), before) < 1e-6
 
 
+@pytest.mark.slow
 def test_awq_output_loads_in_transformers_and_matches_streamqs_forward(tiny_checkpoint: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
     from transformers.utils.quantization_config import CompressedTensorsConfig
@@ -108,6 +109,7 @@ def test_awq_output_loads_in_transformers_and_matches_streamqs_forward(tiny_chec
     assert not torch.equal(reader.raw(name), source.raw(name))
 
 
+@pytest.mark.slow
 def test_awq_runs_on_two_chunks_like_on_one(tiny_checkpoint: Path, tmp_path: Path) -> None:
     cfg = CheckpointReader(tiny_checkpoint).config
     # All the experts' routed-token Hessians (gate/up + down, float32), or half of them, fit the budget: one or

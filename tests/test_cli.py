@@ -20,6 +20,7 @@ def streamq(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_help_lists_the_commands() -> None:
     out = streamq("--help")
     assert out.returncode == 0 and "synth" in out.stdout
@@ -27,6 +28,7 @@ def test_help_lists_the_commands() -> None:
     assert out.returncode == 0 and "--preset" in out.stdout and "--tokenizer" in out.stdout
 
 
+@pytest.mark.slow
 def test_synth_writes_a_readable_sharded_checkpoint(tmp_path: Path) -> None:
     out = streamq("synth", str(tmp_path / "m"), "--shards", "3", "--layers", "3", "--dense-layers", "1")
     assert out.returncode == 0, out.stderr

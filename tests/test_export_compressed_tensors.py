@@ -428,6 +428,7 @@ def tokens() -> torch.Tensor:
     ],
     ids=str,
 )
+@pytest.mark.slow
 def test_transformers_dequantizes_per_expert_checkpoint(scheme: QuantScheme, tmp_path: Path) -> None:
     reference = tiny_deepseek()
     write_deepseek_checkpoint(reference, scheme, tmp_path)

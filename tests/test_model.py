@@ -28,6 +28,7 @@ def test_tiny_checkpoint_has_the_layout_the_acceptance_needs(reader: CheckpointR
     assert cfg.n_routed_experts >= 8 and cfg.n_group > 1 and len(reader.shard_files) >= 3
 
 
+@pytest.mark.slow
 def test_every_block_and_the_logits_match_transformers(reader: CheckpointReader) -> None:
     torch.manual_seed(0)
     ids = torch.randint(0, reader.config.vocab_size, (2, 24))
@@ -49,6 +50,7 @@ def test_every_block_and_the_logits_match_transformers(reader: CheckpointReader)
     assert rel_err(logits, ref_logits) < 1e-3
 
 
+@pytest.mark.slow
 def test_routing_decisions_match_transformers(reader: CheckpointReader) -> None:
     cfg = reader.config
     ref = hf_model(reader)

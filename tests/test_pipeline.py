@@ -171,6 +171,7 @@ def test_an_unrelated_directory_is_refused(tiny_checkpoint: Path, tmp_path: Path
         quantize(tiny_checkpoint, tmp_path, Recipe(data=DATA, method="rtn"))
 
 
+@pytest.mark.slow
 def test_disk_full_stops_cleanly_and_resumes(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -227,6 +228,7 @@ def test_hybrid_tops_up_only_starved_experts(tiny_checkpoint: Path, tmp_path: Pa
     assert hybrid[0]["tokens_hessian"]["median"] < tokens  # experts at or above the minimum keep their own tokens
 
 
+@pytest.mark.slow
 def test_chunked_expert_passes_and_untied_gate_up_give_the_same_bytes(
     tiny_checkpoint: Path, reference_out: Path, tmp_path: Path
 ) -> None:
@@ -241,6 +243,7 @@ def test_chunked_expert_passes_and_untied_gate_up_give_the_same_bytes(
 # -- the output loads ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compressed_tensors_decompresses_every_quantized_weight_as_streamq_reads_it(reference_out: Path) -> None:
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
