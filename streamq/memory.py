@@ -37,8 +37,8 @@ class MemoryPlan:
 
     def describe(self) -> str:
         return (
-            f"memory plan: {self.budget / GIB:.1f} GiB = Hessians {self.hessian_bytes / GIB:.1f} GiB per pass + "
-            f"solver {self.solver_bytes / GIB:.1f} GiB, {self.solve_batch} experts per solver call"
+            f"memory plan: {_size(self.budget)} = Hessians {_size(self.hessian_bytes)} per pass + "
+            f"solver {_size(self.solver_bytes)}, {self.solve_batch} experts per solver call"
         )
 
     def to_dict(self) -> dict[str, int]:
@@ -85,3 +85,7 @@ def release_host_memory() -> None:
     libc_name = ctypes.util.find_library("c")
     if libc_name and hasattr(ctypes.CDLL(libc_name), "malloc_trim"):
         ctypes.CDLL(libc_name).malloc_trim(0)
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"

@@ -129,10 +129,11 @@ def run(
         total_blocks=cfg.num_hidden_layers,
         experts_per_block=cfg.n_routed_experts,
         calib_tokens=recipe.data.num_tokens,
-        # The memory plan is how this run works, not part of the recipe's digest: shown with it, kept in the report.
-        recipe=f"{describe(recipe)}; {memory.describe()}",
-        settings={**recipe.to_dict(), "memory_plan": memory.describe()},
+        recipe=describe(recipe),
+        settings=recipe.to_dict(),
         moe_blocks=[i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)],
+        # How this run works, not part of the recipe's digest: shown at the start, kept in the report.
+        plan=memory.describe(),
     )
     for message in checked.warnings:
         reporter.warning(message)

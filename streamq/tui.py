@@ -134,6 +134,7 @@ class RunState:
     experts_per_block: int = 0
     calib_tokens: int = 0
     recipe: str = ""
+    plan: str = ""  # the device-memory plan, one line
     moe_blocks: frozenset[int] = frozenset()
     started: float | None = None  # monotonic clock
     blocks_done: int = 0
@@ -334,7 +335,7 @@ def plain_line(event: str, fields: dict[str, Any], state: RunState, eta: float |
             return (
                 f"streamq: {state.model} -> {state.out} | {state.total_blocks} blocks, "
                 f"{state.experts_per_block} experts per block, {state.calib_tokens:,} calibration tokens | "
-                f"{state.recipe}"
+                f"{state.recipe}" + (f" | {state.plan}" if state.plan else "")
             )
         case "block_skipped":
             return f"block {fields['block']} already done, skipped ({_block_position(state)})"
@@ -397,7 +398,7 @@ def render_panel(state: RunState, now: float, system: SystemStats) -> Panel:
     grid.add_row(
         "memory",
         f"GPU peak {format_bytes(system.gpu_peak)}   RSS {format_bytes(system.rss)}   "
-        f"elapsed {format_duration(run_elapsed)}",
+        f"elapsed {format_duration(run_elapsed)}" + (f"\n{state.plan}" if state.plan else ""),
     )
     return Panel(grid, title=_title(state), subtitle=Text(state.recipe) if state.recipe else None, expand=False)
 
@@ -686,10 +687,12 @@ class Reporter:
         recipe: str,
         settings: Mapping[str, Any] | None = None,
         moe_blocks: Collection[int] = (),
+        plan: str = "",
     ) -> None:
         """The run begins: ``total_blocks`` counts every block of the model, including those a resumed run skips.
         ``recipe``: one line for people (see ``streamq.recipe.describe``); ``settings``: the full recipe for the
-        event log; ``moe_blocks``: which blocks have routed experts (the ETA prices them apart)."""
+        event log; ``moe_blocks``: which blocks have routed experts (the ETA prices them apart); ``plan``: how
+        device memory is shared out (shown with the memory figures)."""
         if not isinstance(recipe, str):
             raise TypeError(f"run_start: recipe must be the one-line description (str), not {type(recipe).__name__}")
         with self._lock:
@@ -697,6 +700,7 @@ class Reporter:
             state.model, state.out, state.recipe = str(model), str(out), recipe
             state.total_blocks, state.experts_per_block = total_blocks, experts_per_block
             state.calib_tokens, state.moe_blocks = calib_tokens, frozenset(moe_blocks)
+            state.plan = plan
             state.started = self._clock()
         fields: dict[str, Any] = dict(
             model=str(model),
@@ -705,6 +709,7 @@ class Reporter:
             experts_per_block=experts_per_block,
             calib_tokens=calib_tokens,
             recipe=recipe,
+            plan=plan,
         )
         if settings is not None:
             fields["settings"] = dict(settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -341,3 +342,13 @@ def test_peak_host_memory_stays_about_one_block(tmp_path: Path) -> None:
     # Holding every block (8 × block) would break this bound; so would keeping the activations in RAM. Measured
     # from the RSS after imports, so that the margin is what the run itself may add.
     assert stats["peak"] - stats["base"] < 3 * stats["block_bf16"] + chunk, stats
+
+
+def test_the_memory_plan_is_shown_at_the_start_and_kept_in_the_report(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    shown = io.StringIO()
+    with Reporter(None, display="plain", stream=shown) as reporter:
+        run(tiny_checkpoint, tmp_path / "out", Recipe(data=DATA, method="rtn"), OPTIONS, reporter)
+    start = shown.getvalue().splitlines()[0]
+    assert "streamq: " in start and "| memory plan: " in start and "experts per solver call" in start, start
+    plan = json.loads((tmp_path / "out" / REPORT_NAME).read_text())["memory_plan"]
+    assert plan["budget"] == plan["hessian_bytes"] + plan["solver_bytes"] > 0
