@@ -115,11 +115,7 @@ def run(
     hessian_budget_gb: Annotated[float | None, typer.Option(help="GB of expert Hessians per pass (auto).")] = None,
     display: Annotated[str, typer.Option(help="auto, rich, plain or none.")] = "auto",
     allow_nonfinite: Annotated[
-        bool,
-        typer.Option(
-            help="NaN/Inf in weights, activations or Hessians: go on with the solver's fallbacks (NaN as 0, RTN) "
-            "instead of stopping; the report then shows NaN errors."
-        ),
+        bool, typer.Option(help="On NaN/Inf go on with the solver's fallbacks (NaN as 0, RTN); errors then show NaN.")
     ] = False,
     gpus: Annotated[
         int | None,
