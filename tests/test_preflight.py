@@ -302,13 +302,16 @@ class Stop(Exception):
 
 
 def stop_at(monkeypatch: pytest.MonkeyPatch, point: str) -> None:
+    import streamq.forward
     import streamq.pipeline
+    import streamq.solve
 
     def crash(name: str) -> None:
         if name == point:
             raise Stop(name)
 
-    monkeypatch.setattr(streamq.pipeline, "crash_point", crash)
+    for module in (streamq.pipeline, streamq.forward, streamq.solve):  # every module that names fault points
+        monkeypatch.setattr(module, "crash_point", crash)
 
 
 def test_an_out_with_no_finished_block_restarts_with_a_corrected_command(
