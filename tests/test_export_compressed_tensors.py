@@ -434,7 +434,14 @@ def tokens() -> torch.Tensor:
         QuantScheme(4, 32, True),
         QuantScheme(3, 32, True),
         QuantScheme(8, 0, True),
-        NVFP4,
+        pytest.param(
+            NVFP4,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="transformers 5.24 decompresses fused experts without their weight_global_scale (NVFP4 "
+                "experts come out multiplied by it); compressed-tensors' own decompressor is exact (test_fp4_formats)",
+            ),
+        ),
         MXFP4,
         pytest.param(
             QuantScheme(4, 32, False),

@@ -42,11 +42,14 @@ def decompressed(out: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+# Options, and whether transformers decompresses the format's fused experts correctly (5.24 drops NVFP4's
+# weight_global_scale there; tests/test_export_compressed_tensors.py pins that).
 FORMATS = {
-    "w8a16": ("--bits", "8", "--group-size", "0"),
-    "mxfp4": ("--format", "mxfp4"),
+    "w8a16": (("--bits", "8", "--group-size", "0"), True),
+    "mxfp4": (("--format", "mxfp4"), True),
     "nvfp4": pytest.param(
         ("--format", "nvfp4"),
+        False,
         marks=pytest.mark.xfail(
             strict=True,
             reason="streamq/pipeline.py's _select builds each Linear's QuantResult without global_scale, so "
@@ -57,9 +60,9 @@ FORMATS = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("options", FORMATS.values(), ids=FORMATS.keys())
+@pytest.mark.parametrize(("options", "in_transformers"), FORMATS.values(), ids=FORMATS.keys())
 def test_run_output_decompresses_and_loads_in_transformers(
-    options: tuple[str, ...], tiny_checkpoint: Path, tmp_path: Path
+    options: tuple[str, ...], in_transformers: bool, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     from transformers import AutoModelForCausalLM
     from transformers.utils.quantization_config import CompressedTensorsConfig
@@ -72,6 +75,8 @@ def test_run_output_decompresses_and_loads_in_transformers(
     if reader.packed_bits is not None:  # streamq reads integer outputs back itself: the same weights
         for module, weight in theirs.items():
             assert torch.equal(weight, reader.weight(module + ".weight", dtype=weight.dtype)), module
+    if not in_transformers:
+        return
 
     model = AutoModelForCausalLM.from_pretrained(
         out, quantization_config=CompressedTensorsConfig(dequantize=True), dtype=torch.float32

@@ -23,9 +23,6 @@ from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
 from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
 from compressed_tensors.quantization.lifecycle.forward import quantize
 from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
-from transformers import CompressedTensorsConfig
-from transformers.integrations.compressed_tensors import get_experts_scheme
-
 from streamq.errors import StreamqError
 from streamq.export.compressed_tensors import (
     fp8_passthrough_targets,
@@ -64,8 +61,13 @@ def solve(fmt: str, solver: str, w: torch.Tensor, h: torch.Tensor) -> QuantResul
         return rtn_quantize(w, SolverConfig(scheme=scheme))
     actorder, _, rest = solver.removeprefix("gptq-").partition("-")
     cfg = SolverConfig(scheme=scheme, actorder=actorder, observer="mse" if rest == "mse" else "minmax")  # type: ignore[arg-type]
-    options = SolveOptions(backend="triton" if rest == "triton" else "torch", sweep_width=16)
-    return gptq_quantize(w, h, cfg, options)
+    if rest != "triton":
+        return gptq_quantize(w, h, cfg, SolveOptions(backend="torch", sweep_width=16))
+    # The Triton sweep: compiled on a GPU, Triton's interpreter on the CPU.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = gptq_quantize(w.to(device), h.to(device), cfg, SolveOptions(backend="triton", sweep_width=16))
+    fields = ("q", "scale", "zero_point", "g_idx", "weight", "global_scale")
+    return QuantResult(**{f: None if getattr(result, f) is None else getattr(result, f).cpu() for f in fields})
 
 
 SOLVERS = ["rtn", "gptq-weight", "gptq-none", "gptq-weight-mse", "gptq-none-triton"]
@@ -124,6 +126,9 @@ def test_our_fp4_scales_and_codes_are_compressed_tensors_own(fmt: str) -> None:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_fp4_config_is_the_preset_and_selects_vllms_weight_only_fp4(fmt: str) -> None:
+    from transformers import CompressedTensorsConfig
+    from transformers.integrations.compressed_tensors import get_experts_scheme
+
     scheme = QuantScheme.preset(fmt)  # type: ignore[arg-type]
     for fp8 in (None, fp8_passthrough_targets("experts")):
         cfg = quantization_config(scheme, SolverConfig(scheme=scheme), ignore=["lm_head"], fp8_targets=fp8)
