@@ -23,6 +23,7 @@ from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
 from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
 from compressed_tensors.quantization.lifecycle.forward import quantize
 from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
 from streamq.errors import StreamqError
 from streamq.export.compressed_tensors import (
     fp8_passthrough_targets,
