@@ -4,7 +4,7 @@ fixture (CPU is enough).
     PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python3 bench/formats.py solve-time --out $OUT     # on the GPU
     PYTHONPATH=$PWD python3 bench/formats.py solve-time --smoke                           # tiny shapes, any device
     PYTHONPATH=$PWD python3 bench/formats.py quality --text ../shared/fixtures/text/tinyshakespeare.txt \\
-        --work /tmp/formats
+        --work /tmp/formats [--formats nvfp4 mxfp4]
 
 solve-time: int4 (group 128, the reference), NVFP4 and MXFP4, actorder "weight", on the same chunks of fresh
 random experts (heavy-tailed Hessians from 8192 tokens, as bench/gptq.py); formats take turns on every chunk so
@@ -169,7 +169,8 @@ def quality(args: argparse.Namespace) -> list[dict]:
     baseline = evaluate(args.model, None, eval_data, eval_options)
     rows = [{"format": "source (FP8 blocks)", "method": "-", "perplexity": baseline.model.perplexity, "kl": 0.0,
              "top1": 1.0, "seconds": 0.0}]  # fmt: skip
-    for name, scheme in SCHEMES.items():
+    for name in args.formats:
+        scheme = SCHEMES[name]
         for method in ("rtn", "gptq"):
             out = args.work / f"{name.replace(' ', '-')}-{method}"
             shutil.rmtree(out, ignore_errors=True)
@@ -207,6 +208,7 @@ def main() -> None:
     q.add_argument("--model", type=Path, default=FIXTURE)
     q.add_argument("--samples", type=int, default=128)
     q.add_argument("--eval-samples", type=int, default=64)
+    q.add_argument("--formats", nargs="+", choices=list(SCHEMES), default=list(SCHEMES))
     args = parser.parse_args()
     if args.command == "quality":
         args.work.mkdir(parents=True, exist_ok=True)
