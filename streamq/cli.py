@@ -91,6 +91,10 @@ def run(
     seed: Annotated[int | None, typer.Option(help="Seed for sampling calibration text.")] = None,
     chat_template: Annotated[str | None, typer.Option(help="auto, on or off (conversational data).")] = None,
     method: Annotated[str | None, typer.Option(help="gptq, awq or rtn.")] = None,
+    weight_format: Annotated[
+        str | None,
+        typer.Option("--format", help="int, nvfp4 or mxfp4 (FP4: 4 bits, symmetric, groups of 16 or 32)."),
+    ] = None,
     bits: Annotated[int | None, typer.Option(help="2, 3, 4 or 8.")] = None,
     group_size: Annotated[int | None, typer.Option(help="32, 64, 128 ...; 0 = one scale per output channel.")] = None,
     sym: Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric or asymmetric grid.")] = None,
@@ -150,7 +154,7 @@ def _recipe_from_options(p: dict[str, Any]) -> Recipe:
             seed=p["seed"],
             chat_template=p["chat_template"],
         ),
-        scheme=dict(bits=p["bits"], group_size=p["group_size"], symmetric=p["sym"]),
+        scheme=dict(format=p["weight_format"], bits=p["bits"], group_size=p["group_size"], symmetric=p["sym"]),
         solver=dict(
             actorder=None if act_order is None else ("weight" if act_order else "none"),
             observer={"absmax": "minmax"}.get(observer, observer) if observer else None,
@@ -280,13 +284,16 @@ def eval_(
 
 
 def build_recipe(base, *, data: dict, scheme: dict, solver: dict, top: dict):
-    """``base`` with every option the user gave (not None) replaced."""
+    """``base`` with every option the user gave (not None) replaced; a new format starts from its preset."""
+    from streamq.solvers.scheme import QuantScheme
 
     def given(d: dict) -> dict:
         return {k: v for k, v in d.items() if v is not None}
 
+    fmt = scheme.get("format")
     try:
-        new_scheme = replace(base.solver.scheme, **given(scheme))
+        start = base.solver.scheme if fmt in (None, base.solver.scheme.format) else QuantScheme.preset(fmt)
+        new_scheme = replace(start, **given(scheme))
         new_solver = replace(base.solver, scheme=new_scheme, **given(solver))
         return replace(base, solver=new_solver, data=replace(base.data, **given(data)), **given(top))
     except ValueError as exc:

@@ -15,9 +15,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from streamq.kernels.gptq_block import gptq_block_ref, gptq_block_triton
+from streamq.solvers.scheme import FP4_E2M1, Grid, QuantScheme
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 POISON = 111  # outside every grid: a code left unwritten shows
+INT4 = QuantScheme(bits=4).grid
+GRIDS = {"int4": INT4, "fp4": FP4_E2M1}
 
 
 def _inputs(seed: int, experts: int, rows: int, cols: int, groups: int, asym: bool) -> dict[str, torch.Tensor]:
@@ -36,22 +39,26 @@ def _inputs(seed: int, experts: int, rows: int, cols: int, groups: int, asym: bo
     return {"work": work, "orig": orig, "m": m, "scale": scale, "zero": zero, "gidx": gidx}
 
 
+@pytest.mark.parametrize("grid", GRIDS, ids=str)
 @pytest.mark.parametrize("babai", [True, False], ids=["cholesky-form", "inverse-form"])
 @pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
-@pytest.mark.parametrize(("rows", "cols", "block_r"), [(40, 24, 32), (17, 32, 64)])
-def test_kernel_matches_reference(babai: bool, asym: bool, rows: int, cols: int, block_r: int) -> None:
-    seed = 1009
+@pytest.mark.parametrize(("rows", "cols", "block_r", "seed"), [(40, 24, 32, 11), (17, 32, 64, 12)])
+def test_kernel_matches_reference(
+    grid: str, babai: bool, asym: bool, rows: int, cols: int, block_r: int, seed: int
+) -> None:
+    q = GRIDS[grid]
     x = _inputs(seed, experts=2, rows=rows, cols=cols, groups=3, asym=asym)
     outs = {}
     for name, sweep in (("ref", gptq_block_ref), ("triton", gptq_block_triton)):
         work, orig = x["work"].clone(), x["orig"].clone()
         codes = torch.full((2, rows, cols), POISON, dtype=torch.int8, device=DEVICE)
         kwargs = {"block_r": block_r} if name == "triton" else {}
-        sweep(work, orig, x["m"], x["scale"], x["zero"], x["gidx"], codes, -8, 7, babai, **kwargs)
+        sweep(work, orig, x["m"], x["scale"], x["zero"], x["gidx"], codes, q, babai, **kwargs)
         outs[name] = (codes, orig, work)
 
     (codes_ref, d_ref, deq_ref), (codes_tri, d_tri, deq_tri) = outs["ref"], outs["triton"]
-    assert codes_tri.min() >= -8 and codes_tri.max() <= 7, f"unwritten codes (seed {seed})"
+    assert codes_tri.min() >= q.code_min and codes_tri.max() <= q.code_max, f"unwritten codes (seed {seed})"
+    assert _on_grid(codes_tri, q) and _on_grid(codes_ref, q), f"seed {seed}"
     # Summation order differs (left- vs right-looking), so a code may flip on a near-tie; none should here.
     assert (codes_ref != codes_tri).float().mean() <= 1e-3, f"seed {seed}"
     same_rows = (codes_ref == codes_tri).all(-1, keepdim=True)
@@ -60,17 +67,53 @@ def test_kernel_matches_reference(babai: bool, asym: bool, rows: int, cols: int,
     g = x["gidx"].long().unsqueeze(1).expand(-1, rows, -1)
     s = x["scale"].gather(2, g)
     for codes, deq in ((codes_ref, deq_ref), (codes_tri, deq_tri)):
-        expected = codes.float() * s if x["zero"] is None else (codes.float() - x["zero"].gather(2, g)) * s
+        value = codes.float() * q.unit
+        expected = value * s if x["zero"] is None else (value - x["zero"].gather(2, g)) * s
         assert torch.equal(deq, expected), f"seed {seed}"
 
 
+def _on_grid(codes: torch.Tensor, grid: Grid) -> bool:
+    values = codes.float() * grid.unit
+    return torch.equal(grid.round(values), values)
+
+
+def test_fp4_grid_rounds_like_compressed_tensors() -> None:
+    """E2M1 rounding, ties included (to the even mantissa), is compressed-tensors' ``cast_to_fp4``."""
+    from compressed_tensors.quantization.utils.fp4_utils import cast_to_fp4
+
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0])
+    x = torch.cat([torch.linspace(-7.5, 7.5, 30001), ties, -ties])
+    assert torch.equal(FP4_E2M1.round(x), cast_to_fp4(x.clone()))
+    assert sorted(set(FP4_E2M1.round(x).abs().tolist())) == [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=str)
+def test_kernel_rounds_exact_grid_points_and_ties_like_the_reference(grid: str) -> None:
+    """Every grid value, every midpoint between neighbours and values past the ends, with M = 0 and scale 1:
+    the kernel's bit-built steps must agree with the reference's frexp ones exactly."""
+    q = GRIDS[grid]
+    points = torch.arange(q.code_min, q.code_max + 1, dtype=torch.float32) * q.unit
+    values = torch.cat([points, (points[1:] + points[:-1]) / 2, torch.tensor([q.lo - 3, q.hi + 3, 1e-30])])
+    cols = values.numel()
+    work = values.view(1, 1, cols).repeat(1, 4, 1).to(DEVICE)
+    scale = torch.ones(1, 4, 1, device=DEVICE)
+    gidx = torch.zeros(1, cols, dtype=torch.int32, device=DEVICE)
+    m = torch.zeros(1, cols, cols, device=DEVICE)
+    codes = {}
+    for name, sweep in (("ref", gptq_block_ref), ("triton", gptq_block_triton)):
+        codes[name] = torch.full((1, 4, cols), POISON, dtype=torch.int8, device=DEVICE)
+        sweep(work.clone(), work.clone(), m, scale, None, gidx, codes[name], q, True)
+    assert torch.equal(codes["triton"], codes["ref"])
+    assert torch.equal(codes["ref"][0, 0].float().cpu() * q.unit, q.round(values))
+
+
 def test_kernel_writes_only_its_block() -> None:
-    seed = 1010
+    seed = 21
     x = _inputs(seed, experts=1, rows=8, cols=16, groups=1, asym=False)
     parent = x["work"]._base  # the wider buffer the block is a view of
     before = parent.clone()
     codes = torch.zeros(1, 8, 16, dtype=torch.int8, device=DEVICE)
-    gptq_block_triton(x["work"], x["orig"].clone(), x["m"], x["scale"], None, x["gidx"], codes, -8, 7, True)
+    gptq_block_triton(x["work"], x["orig"].clone(), x["m"], x["scale"], None, x["gidx"], codes, INT4, True)
     outside = torch.ones_like(parent, dtype=torch.bool)
     outside[:, :, 3:19] = False
     assert torch.equal(parent[outside], before[outside]), f"seed {seed}"
@@ -79,11 +122,11 @@ def test_kernel_writes_only_its_block() -> None:
 
 def test_reference_sweep_is_rtn_without_feedback() -> None:
     """M = 0 leaves nothing to propagate: every column is rounded on its own, d = w - deq."""
-    seed = 1011
+    seed = 22
     x = _inputs(seed, experts=2, rows=12, cols=8, groups=1, asym=False)
     work, orig = x["work"].clone(), x["work"].clone()
     codes = torch.empty(2, 12, 8, dtype=torch.int8, device=DEVICE)
-    gptq_block_ref(work, orig, torch.zeros_like(x["m"]), x["scale"], None, x["gidx"], codes, -8, 7, True)
+    gptq_block_ref(work, orig, torch.zeros_like(x["m"]), x["scale"], None, x["gidx"], codes, INT4, True)
     expected = torch.clamp(torch.round(x["work"] / x["scale"]), -8, 7)
     assert torch.equal(codes.float(), expected), f"seed {seed}"
     torch.testing.assert_close(orig, x["work"] - expected * x["scale"])

@@ -23,6 +23,25 @@ Tensors of one Linear, named relative to the module:
   value and nothing reads g_idx any more), so a g_idx that really permutes groups cannot be exported; a trivial
   one (natural order, or per channel) is dropped.
 
+FP4 weights (``QuantScheme.format`` "nvfp4" / "mxfp4"): compressed-tensors' NVFP4A16 and MXFP4A16 presets, in
+its "nvfp4-pack-quantized" and "mxfp4-pack-quantized" formats, tensors as its NVFP4/MXFP4 compressors write them:
+
+* ``weight_packed`` uint8 [out, in/2]: two E2M1 codes a byte, the even column in the low nibble; a code is
+  sign (bit 3) and the index of |value| in 0, 0.5, 1, 1.5, 2, 3, 4, 6 (packed by compressed-tensors'
+  ``pack_fp4_to_uint8``).
+* NVFP4: ``weight_scale`` float8_e4m3fn [out, in/16] and ``weight_global_scale`` float32 [1]; the weight is
+  ``value * (weight_scale / weight_global_scale)``, the quotient taken in float32 (compressed-tensors' and
+  vLLM's order). One global scale per Linear, so gate and up, solved together, share it (vLLM's fused
+  w13 reads a single one).
+* MXFP4: ``weight_scale`` uint8 [out, in/32], the biased exponent (E8M0, bias 127) of a power-of-two scale.
+* no ``weight_shape`` and no zero point (both presets are symmetric), no ``weight_g_idx``.
+* activations: none (the A16 presets). The W4A4 presets need, for NVFP4, an ``input_global_scale`` per Linear
+  calibrated from activation maxima, which streamq does not collect.
+
+compressed-tensors decompresses both into the model's dtype after one float32 product, so the served weight is
+``QuantResult.weight`` rounded once to that dtype (exactly ``QuantResult.weight`` when the solver ran on bf16
+weights, as the pipeline's are).
+
 FP8 weights kept as shipped: format "float-quantized", strategy "block" with block_structure [128, 128], and
 dynamic per-token-group (128) FP8 activations: DeepSeek-V3's own recipe, and what vLLM's W8A8-FP8 block path
 expects. DeepSeek's ``weight_scale_inv`` already multiplies (w = fp8·scale_inv), exactly like compressed-tensors'
@@ -55,6 +74,7 @@ from typing import Any, Literal
 import compressed_tensors
 import torch
 from compressed_tensors.compressors import pack_to_int32
+from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
 
 from streamq.errors import StreamqError
 from streamq.solvers.scheme import QuantResult, QuantScheme, SolverConfig
@@ -62,6 +82,14 @@ from streamq.solvers.scheme import QuantResult, QuantScheme, SolverConfig
 Scope = Literal["experts", "all"]
 
 PACK_QUANTIZED = "pack-quantized"
+NVFP4_PACK_QUANTIZED = "nvfp4-pack-quantized"
+MXFP4_PACK_QUANTIZED = "mxfp4-pack-quantized"
+_COMPRESSION_FORMAT = {"int": PACK_QUANTIZED, "nvfp4": NVFP4_PACK_QUANTIZED, "mxfp4": MXFP4_PACK_QUANTIZED}
+# The weight arguments of compressed-tensors' NVFP4A16 / MXFP4A16 presets, as its QuantizationArgs serialise them.
+_FP4_WEIGHTS = {
+    "nvfp4": {"strategy": "tensor_group", "group_size": 16, "scale_dtype": "torch.float8_e4m3fn"},
+    "mxfp4": {"strategy": "group", "group_size": 32, "scale_dtype": "torch.uint8"},
+}
 FLOAT_QUANTIZED = "float-quantized"
 MIXED_PRECISION = "mixed-precision"
 
@@ -100,8 +128,11 @@ def mtp_ignore(num_hidden_layers: int, num_nextn_predict_layers: int) -> list[st
 def pack_linear(
     result: QuantResult, scheme: QuantScheme, scale_dtype: torch.dtype = torch.bfloat16
 ) -> dict[str, torch.Tensor]:
-    """The pack-quantized tensors of one quantized Linear [out, in], named relative to the module."""
+    """The compressed tensors of one quantized Linear [out, in], named relative to the module. ``scale_dtype``
+    is the stored scale dtype of integer schemes; FP4 formats store their scales as the format says."""
     _check_result(result, scheme)
+    if scheme.format != "int":
+        return _pack_fp4(result, scheme)
     tensors = {
         "weight_packed": pack_to_int32(result.q, scheme.bits),
         "weight_scale": _exact_scale(result.scale, scale_dtype),
@@ -117,6 +148,14 @@ def packed_layout(
 ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """Dtype and shape of each tensor ``pack_linear`` writes for an [out, in] Linear, without any data: a shard's
     header can be laid out before (or by another process than) the one that solves the weights."""
+    if scheme.format != "int":
+        layout = {
+            "weight_packed": (torch.uint8, (out_features, in_features // 2)),
+            "weight_scale": (scheme.scale_torch_dtype, (out_features, scheme.num_groups(in_features))),
+        }
+        if scheme.scale_code == "fp8_global":
+            layout["weight_global_scale"] = (torch.float32, (1,))
+        return layout
     words = -(-in_features * scheme.bits // 32)
     groups = scheme.num_groups(in_features)
     layout = {
@@ -145,12 +184,12 @@ def quantization_config(
     overlap = sorted(set(targets) & set(fp8_targets or ()))
     if overlap:
         raise StreamqError(f"{overlap} are both quantized and kept in FP8; drop them from fp8_targets")
-    groups = {"group_0": _int_group(scheme, solver_cfg, targets)}
+    groups = {"group_0": _quantized_group(scheme, solver_cfg, targets)}
     if fp8_targets:
         groups["group_1"] = _fp8_block_group(fp8_targets, fp8_block)
     return {
         "quant_method": "compressed-tensors",
-        "format": MIXED_PRECISION if len(groups) > 1 else PACK_QUANTIZED,
+        "format": MIXED_PRECISION if len(groups) > 1 else _COMPRESSION_FORMAT[scheme.format],
         "quantization_status": "compressed",
         "config_groups": groups,
         "ignore": list(ignore),
@@ -160,7 +199,9 @@ def quantization_config(
     }
 
 
-def _int_group(scheme: QuantScheme, solver_cfg: SolverConfig, targets: list[str]) -> dict[str, Any]:
+def _quantized_group(scheme: QuantScheme, solver_cfg: SolverConfig, targets: list[str]) -> dict[str, Any]:
+    if scheme.format != "int":
+        return _fp4_group(scheme, solver_cfg, targets)
     per_channel = scheme.group_size == 0
     return {
         "targets": targets,
@@ -178,6 +219,55 @@ def _int_group(scheme: QuantScheme, solver_cfg: SolverConfig, targets: list[str]
         "input_activations": None,
         "output_activations": None,
     }
+
+
+def _fp4_group(scheme: QuantScheme, solver_cfg: SolverConfig, targets: list[str]) -> dict[str, Any]:
+    weights = {"num_bits": 4, "type": "float", "symmetric": True, **_FP4_WEIGHTS[scheme.format]}
+    weights.update(actorder=_actorder(solver_cfg, per_channel=False), dynamic=False, observer=solver_cfg.observer)
+    return {
+        "targets": targets,
+        "format": _COMPRESSION_FORMAT[scheme.format],
+        "weights": weights,
+        "input_activations": None,
+        "output_activations": None,
+    }
+
+
+def _pack_fp4(result: QuantResult, scheme: QuantScheme) -> dict[str, torch.Tensor]:
+    values = result.q.float() * scheme.grid.unit  # exact: E2M1 values are multiples of the unit
+    tensors = {"weight_packed": pack_fp4_to_uint8(values)}
+    if scheme.scale_code == "fp8_global":
+        tensors["weight_scale"], tensors["weight_global_scale"] = _fp8_global_scales(result)
+    else:
+        tensors["weight_scale"] = _e8m0_scales(result.scale)
+    return tensors
+
+
+def _fp8_global_scales(result: QuantResult) -> tuple[torch.Tensor, torch.Tensor]:
+    if result.global_scale is None or result.global_scale.numel() != 1:
+        raise StreamqError(
+            "an NVFP4 result needs its matrix's global scale (QuantResult.global_scale, one value); keep it when "
+            "slicing a solver result"
+        )
+    gscale = result.global_scale.reshape(1).to(torch.float32)
+    fp8 = (result.scale * gscale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    if not torch.equal(fp8.float() / gscale, result.scale):
+        raise StreamqError(
+            "NVFP4 scales are not FP8 E4M3 group scales over the global scale, so the checkpoint would not "
+            "reproduce the solved weight; solve with the nvfp4 scheme"
+        )
+    return fp8, gscale
+
+
+def _e8m0_scales(scale: torch.Tensor) -> torch.Tensor:
+    significand, exponent = torch.frexp(scale)
+    biased = exponent - 1 + 127
+    if not (torch.all(significand == 0.5) and torch.all((biased >= 0) & (biased <= 254))):
+        raise StreamqError(
+            "MXFP4 scales must be powers of two within E8M0's range, or the checkpoint would not reproduce the "
+            "solved weight; solve with the mxfp4 scheme"
+        )
+    return biased.to(torch.uint8)
 
 
 def _actorder(solver_cfg: SolverConfig, per_channel: bool) -> str | None:
@@ -248,8 +338,16 @@ def _check_result(result: QuantResult, scheme: QuantScheme) -> None:
 def _check_codes(values: torch.Tensor, scheme: QuantScheme, what: str) -> None:
     if values.dtype != torch.int8:
         raise ValueError(f"{what} must be int8, got {values.dtype}")
-    if values.numel() and (values.min() < scheme.qmin or values.max() > scheme.qmax):
-        raise ValueError(f"{what} leave [{scheme.qmin}, {scheme.qmax}], the {scheme.bits}-bit range")
+    grid = scheme.grid
+    if values.numel() and (values.min() < grid.code_min or values.max() > grid.code_max):
+        raise ValueError(f"{what} leave [{grid.code_min}, {grid.code_max}], the code range of {_describe(scheme)}")
+    on_grid = grid.uniform or torch.equal(grid.round(values.float() * grid.unit), values.float() * grid.unit)
+    if not on_grid:
+        raise ValueError(f"{what} are not all {scheme.format} grid values")
+
+
+def _describe(scheme: QuantScheme) -> str:
+    return f"{scheme.bits}-bit integers" if scheme.format == "int" else scheme.format
 
 
 def _is_natural_order(g_idx: torch.Tensor, in_features: int, scheme: QuantScheme) -> bool:

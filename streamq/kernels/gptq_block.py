@@ -3,17 +3,20 @@
 Both forms of GPTQ used by ``streamq.solvers.gptq`` reduce to one recurrence over the block's columns j:
 
     v_j = work_j + sum_{i<j} d_i * M[i, j]        (value at the moment column j is quantized)
-    q_j = round_half_even(clamp(v_j / s_j + z_j, qmin, qmax))
+    q_j = round_to_grid(v_j / s_j + z_j)          (clamp to the grid, nearest grid value, ties to even)
     d_j = orig_j - deq_j   (``babai=True``)   or   deq_j - v_j   (``babai=False``),   deq_j = (q_j - z_j) * s_j
 
 where ``M`` is the block's strictly upper feedback matrix, ``work`` the columns after every earlier block's
 feedback, ``orig`` the original (permuted) weights, and ``s_j``/``z_j`` the scale/zero of column j's group
 ``gidx[j]``. ``deq_j`` is computed with compressed-tensors' two roundings, so it *is* the exported weight.
+The grid (``streamq.solvers.scheme.Grid``) is an integer range or a minifloat such as FP4 E2M1; both are
+"multiples of a power-of-two step", the step growing with |v| on a minifloat, so rounding is one formula and
+the code written is q_j / grid.unit.
 
 Calling convention (the same for the reference and the kernel; tensors are [E, ...] batches):
     work  [E, R, C] float32, overwritten with deq    orig  [E, R, C] float32, overwritten with d
     m     [E, C, C] float32, strictly upper           scale [E, R, G] float32;  zero like scale, or None
-    gidx  [E, C] int32 (may be expanded)             codes [E, R, C] int8, written
+    gidx  [E, C] int32 (may be expanded)             codes [E, R, C] int8 (multiples of grid.unit), written
 Views with a unit stride on the last dimension are fine; nothing is copied.
 
 Rows are independent, so a Triton program owns ``BLOCK_R`` rows of one matrix, one row per thread: each
@@ -24,7 +27,12 @@ recomputing every row's quantization on all 32 lanes; bench/gptq_notes.md).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:  # the solvers package imports this module
+    from streamq.solvers.scheme import Grid
 
 try:
     import triton
@@ -43,8 +51,7 @@ def gptq_block_ref(
     zero: torch.Tensor | None,
     gidx: torch.Tensor,
     codes: torch.Tensor,
-    qmin: int,
-    qmax: int,
+    grid: Grid,
     babai: bool,
 ) -> None:
     """Pure-torch sweep with the kernel's signature (any float dtype; the solver's CPU path)."""
@@ -54,13 +61,13 @@ def gptq_block_ref(
         s = scale.gather(2, g).squeeze(2)
         z = None if zero is None else zero.gather(2, g).squeeze(2)
         scaled = v[..., j] / s if z is None else v[..., j] / s + z
-        q = torch.round(torch.clamp(scaled, qmin, qmax))
+        q = grid.round(scaled)
         deq = (q if z is None else q - z) * s
         d = orig[..., j] - deq if babai else deq - v[..., j]
         v[..., j + 1 :] += d.unsqueeze(-1) * m[:, j, j + 1 :].unsqueeze(1)
         orig[..., j] = d
         work[..., j] = deq
-        codes[..., j] = q.to(codes.dtype)
+        codes[..., j] = (q / grid.unit).to(codes.dtype)
 
 
 def gptq_block_triton(
@@ -71,8 +78,7 @@ def gptq_block_triton(
     zero: torch.Tensor | None,
     gidx: torch.Tensor,
     codes: torch.Tensor,
-    qmin: int,
-    qmax: int,
+    grid: Grid,
     babai: bool,
     block_r: int = DEFAULT_BLOCK_R,
 ) -> None:
@@ -85,11 +91,15 @@ def gptq_block_triton(
     zero_arg = scale if zero is None else zero  # never read when HAS_ZERO is false
     # The kernel reads column j of M (all i < j at once): transposed, that is one contiguous row.
     m_t = m.transpose(1, 2).contiguous()
-    grid = (triton.cdiv(rows, block_r), experts)
-    _gptq_block_kernel[grid](
+    programs = (triton.cdiv(rows, block_r), experts)
+    _gptq_block_kernel[programs](
         work, orig, m_t, scale, zero_arg, gidx, codes,
-        rows, cols, float(qmin), float(qmax),
+        rows, cols, grid.lo, grid.hi, 1.0 / grid.unit,
         *work.stride(), *orig.stride(), *scale.stride(), *gidx.stride(), *codes.stride(),
+        MINIFLOAT=not grid.uniform,
+        MANTISSA=grid.mantissa_bits,
+        MIN_EXP=grid.min_exp,
+        MAX_EXP=grid.max_exp,
         HAS_ZERO=zero is not None,
         BABAI=babai,
         BLOCK_R=block_r,
@@ -106,17 +116,16 @@ def gptq_block(
     zero: torch.Tensor | None,
     gidx: torch.Tensor,
     codes: torch.Tensor,
-    qmin: int,
-    qmax: int,
+    grid: Grid,
     babai: bool,
     use_triton: bool,
     block_r: int = DEFAULT_BLOCK_R,
 ) -> None:
     """Dispatch to the kernel (``block_r`` rows per program, one per thread) or the reference."""
     if use_triton:
-        gptq_block_triton(work, orig, m, scale, zero, gidx, codes, qmin, qmax, babai, block_r)
+        gptq_block_triton(work, orig, m, scale, zero, gidx, codes, grid, babai, block_r)
     else:
-        gptq_block_ref(work, orig, m, scale, zero, gidx, codes, qmin, qmax, babai)
+        gptq_block_ref(work, orig, m, scale, zero, gidx, codes, grid, babai)
 
 
 if triton is not None:
@@ -129,17 +138,36 @@ if triton is not None:
         low_is_odd = low - 2.0 * tl.floor(0.5 * low)
         return tl.where(frac > 0.5, low + 1.0, tl.where(frac < 0.5, low, low + low_is_odd))
 
+    @triton.jit
+    def _round_to_grid(x, lo, hi, MINIFLOAT: tl.constexpr, MANTISSA: tl.constexpr, MIN_EXP: tl.constexpr,
+                       MAX_EXP: tl.constexpr):  # fmt: skip
+        x = tl.minimum(tl.maximum(x, lo), hi)
+        if MINIFLOAT:
+            # The step is 2**(clamp(floor(log2|x|)) - mantissa bits), built from float32 exponent bits: exact,
+            # where a log2 would be an approximation on the GPU.
+            biased = (x.to(tl.int32, bitcast=True) >> 23) & 0xFF
+            exp = tl.minimum(tl.maximum(biased - 127, MIN_EXP), MAX_EXP) - MANTISSA
+            step = ((exp + 127) << 23).to(tl.float32, bitcast=True)
+            inv_step = ((127 - exp) << 23).to(tl.float32, bitcast=True)
+            return _round_half_even(x * inv_step) * step
+        else:
+            return _round_half_even(x)
+
     # The column strides are not specialized to 1: told that columns are contiguous, Triton lays tiles out
     # with threads along columns, which is the layout this kernel exists to avoid.
     @triton.jit(do_not_specialize=["s_work_c", "s_orig_c", "s_codes_c"])
     def _gptq_block_kernel(
         work_ptr, orig_ptr, m_t_ptr, scale_ptr, zero_ptr, gidx_ptr, codes_ptr,
-        n_rows, n_cols, qmin, qmax,
+        n_rows, n_cols, qmin, qmax, inv_unit,
         s_work_e, s_work_r, s_work_c,
         s_orig_e, s_orig_r, s_orig_c,
         s_scale_e, s_scale_r, s_scale_g,
         s_gidx_e, s_gidx_c,
         s_codes_e, s_codes_r, s_codes_c,
+        MINIFLOAT: tl.constexpr,
+        MANTISSA: tl.constexpr,
+        MIN_EXP: tl.constexpr,
+        MAX_EXP: tl.constexpr,
         HAS_ZERO: tl.constexpr,
         BABAI: tl.constexpr,
         BLOCK_R: tl.constexpr,
@@ -172,17 +200,16 @@ if triton is not None:
             s = tl.load(scale_rows + group * s_scale_g, mask=row_ok, other=1.0)
             if HAS_ZERO:
                 z = tl.load(zero_rows + group * s_scale_g, mask=row_ok, other=0.0)
-                q = _round_half_even(tl.div_rn(v, s) + z)
+                q = _round_to_grid(tl.div_rn(v, s) + z, qmin, qmax, MINIFLOAT, MANTISSA, MIN_EXP, MAX_EXP)
             else:
                 z = 0.0
-                q = _round_half_even(tl.div_rn(v, s))
-            q = tl.minimum(tl.maximum(q, qmin), qmax)
+                q = _round_to_grid(tl.div_rn(v, s), qmin, qmax, MINIFLOAT, MANTISSA, MIN_EXP, MAX_EXP)
             deq = (q - z) * s
             tl.store(work_rows + j * s_work_c, deq, mask=row_ok)
             d = tl.load(orig_rows + j * s_orig_c, mask=row_ok, other=0.0) - deq if BABAI else deq - v
             hit = cols[:, None] == j
             feedback = tl.where(hit, d[None, :], feedback)
-            code_tile = tl.where(hit, q[None, :], code_tile)
+            code_tile = tl.where(hit, q[None, :] * inv_unit, code_tile)
 
         tl.store(orig_rows[None, :] + cols[:, None] * s_orig_c, feedback, mask=tile_ok)
         codes_tile_ptr = codes_ptr + expert * s_codes_e + rows[None, :] * s_codes_r + cols[:, None] * s_codes_c

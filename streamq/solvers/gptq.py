@@ -35,7 +35,7 @@ from streamq.kernels.gptq_block import gptq_block
 from streamq.solvers import fallbacks as fb
 from streamq.solvers.cholesky import tf32_matmuls
 from streamq.solvers.hessian import FactorForm, FactorOptions, PreparedHessians, prepare_hessians
-from streamq.solvers.observers import fit_qparams
+from streamq.solvers.observers import fit_qparams, global_scale
 from streamq.solvers.rtn import make_result, static_qparams
 from streamq.solvers.scheme import QuantResult, SolverConfig
 
@@ -69,6 +69,7 @@ class _Sweep:
     feedback: torch.Tensor  # [E, n, n] strictly upper M
     scale: torch.Tensor  # [E, out, groups]
     zero: torch.Tensor | None
+    gscale: torch.Tensor | None  # [E] NVFP4's global scale, fixed from the original weights before the sweep
     gidx: torch.Tensor  # [E, n] group of each solving position
     codes: torch.Tensor  # [E, out, n] int8
     widths: tuple[int, ...]  # panel widths, outermost first; the last is the leaf
@@ -162,13 +163,14 @@ def gptq_solve_prepared(
     experts, out, n = w_in.shape
     gs = cfg.scheme.group_size
     dynamic = dynamic_groups(cfg)
+    gscale = global_scale(w_in, cfg.scheme)
     if dynamic:
         groups = cfg.scheme.num_groups(n)
         scale = torch.empty(experts, out, groups, dtype=dtype, device=w.device)
         zero = None if cfg.scheme.symmetric else torch.empty_like(scale)
         gidx = _group_of_position(torch.arange(n, device=w.device), gs).expand(experts, n)
     else:
-        scale, zero = static_qparams(w_in, cfg)
+        scale, zero = static_qparams(w_in, cfg, gscale)
         natural = torch.arange(n, device=w.device).expand(experts, n) if prep.perm is None else prep.perm
         gidx = _group_of_position(natural, gs)
 
@@ -180,6 +182,7 @@ def gptq_solve_prepared(
         feedback=prep.feedback,
         scale=scale,
         zero=zero,
+        gscale=gscale,
         gidx=gidx,
         codes=torch.empty(experts, out, n, dtype=torch.int8, device=w.device),
         widths=panel_widths(cfg, options),
@@ -200,7 +203,7 @@ def gptq_solve_prepared(
         weight = weight.gather(2, position)
         if dynamic:
             g_idx = _group_of_position(position[:, 0], gs)
-    return make_result(codes, scale, zero, g_idx, cfg, w.dtype, counter, weight=weight)
+    return make_result(codes, scale, zero, g_idx, cfg, w.dtype, counter, weight=weight, gscale=gscale)
 
 
 def _solve_panel(sweep: _Sweep, lo: int, hi: int, level: int) -> None:
@@ -220,11 +223,10 @@ def _solve_panel(sweep: _Sweep, lo: int, hi: int, level: int) -> None:
 def _solve_leaf(sweep: _Sweep, a: int, b: int) -> None:
     gs = sweep.cfg.scheme.group_size
     if sweep.dynamic_groups and a % gs == 0:
-        scale, zero = fit_qparams(_group_values(sweep, a, a + gs), sweep.cfg)
+        scale, zero = fit_qparams(_group_values(sweep, a, a + gs), sweep.cfg, sweep.gscale)
         sweep.scale[:, :, a // gs] = scale
         if sweep.zero is not None:
             sweep.zero[:, :, a // gs] = zero
-    scheme = sweep.cfg.scheme
     gptq_block(
         sweep.work[:, :, a:b],
         sweep.orig[:, :, a:b],
@@ -233,8 +235,7 @@ def _solve_leaf(sweep: _Sweep, a: int, b: int) -> None:
         sweep.zero,
         sweep.gidx[:, a:b],
         sweep.codes[:, :, a:b],
-        scheme.qmin,
-        scheme.qmax,
+        sweep.cfg.scheme.grid,
         babai=sweep.babai,
         use_triton=sweep.use_triton,
         block_r=sweep.rows_per_program,
@@ -306,8 +307,9 @@ def _place(total: QuantResult | None, part: QuantResult, lo: int, experts: int) 
         total = QuantResult(
             **{name: _batch_like(getattr(part, name), experts) for name in ("q", "scale", "zero_point", "g_idx")},
             weight=_batch_like(part.weight, experts),
+            global_scale=_batch_like(part.global_scale, experts),
         )
-    for name in ("q", "scale", "zero_point", "g_idx", "weight"):
+    for name in ("q", "scale", "zero_point", "g_idx", "weight", "global_scale"):
         dst = getattr(total, name)
         if dst is not None:
             dst[lo : lo + getattr(part, name).shape[0]] = getattr(part, name)

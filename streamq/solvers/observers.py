@@ -11,6 +11,14 @@ weight:
 - asymmetric: ``scale = (max - min) / (2**bits - 1)``, ``zero = round(clamp(qmin - min / scale, qmin, qmax))``;
 - codes: ``round_half_even(clamp(w / scale + zero, qmin, qmax))``; dequantized: ``(q - zero) * scale``.
 
+The FP4 formats follow the same functions' float branches:
+
+- values are rounded to the nearest E2M1 value, ties to the even mantissa (compressed-tensors' ``cast_to_fp4``);
+- NVFP4: a global scale per matrix, ``448 * 6 / max|W|`` (float32; 1 for an all-zero matrix), and group scales
+  ``fp8_e4m3(global * max|g| / 6)`` (0 becomes FP8's eps, 0.125); the multiplying scale is ``fp8 / global``;
+- MXFP4: ``2**(e - 2)`` where 2**e is max|g| rounded to a power of two (up when its significand is >= 1.75),
+  the exponent kept in [-126, 127] so the scale stays a normal float32.
+
 One deliberate difference: a group of zeros gets scale = float32 eps *before* the zero point is computed,
 where compressed-tensors divides 0 by 0 and stores whatever int8(NaN) is. Ours is qmin, which dequantizes
 the zeros to exactly 0.
@@ -25,6 +33,9 @@ import torch
 
 from streamq.solvers.scheme import QuantScheme, SolverConfig
 
+_FP8_E4M3_MAX = 448.0
+_FP8_E4M3_EPS = 0.125
+_E8M0_EXP = (-126, 127)
 # Candidate grids evaluated at once by the MSE search; bounds its temporary memory to this many elements.
 _MSE_ELEMENTS_PER_STEP = 1 << 26
 
@@ -39,11 +50,20 @@ def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.unflatten(-1, (columns // group_size, group_size))
 
 
-def range_qparams(lo: torch.Tensor, hi: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale and zero point (float, integral) whose grid covers [lo, hi] widened to contain 0."""
+def range_qparams(
+    lo: torch.Tensor, hi: torch.Tensor, scheme: QuantScheme, global_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point (float, integral) whose grid covers [lo, hi] widened to contain 0.
+
+    ``global_scale`` (NVFP4 only): one per leading matrix, shape [] or [E] for ``lo`` [E, ...]."""
     lo = torch.clamp(lo, max=0.0)
     hi = torch.clamp(hi, min=0.0)
     eps = torch.finfo(torch.float32).eps
+    code = scheme.scale_code
+    if code == "fp8_global":
+        return _fp8_global_scale(torch.maximum(-lo, hi) / scheme.grid.hi, _per_matrix(global_scale, lo)), None
+    if code == "e8m0":
+        return _e8m0_scale(torch.maximum(-lo, hi)), None
     if scheme.symmetric:
         scale = torch.maximum(-lo, hi) / ((scheme.qmax - scheme.qmin) / 2)
         return _stored(torch.where(scale == 0, eps, scale), scheme), None
@@ -52,17 +72,50 @@ def range_qparams(lo: torch.Tensor, hi: torch.Tensor, scheme: QuantScheme) -> tu
     return scale, zero
 
 
+def global_scale(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor | None:
+    """NVFP4's float32 global scale of each matrix ``[..., out, in]`` (shape ``[...]``); None for other formats."""
+    if scheme.scale_code != "fp8_global":
+        return None
+    amax = w.float().abs().amax(dim=(-2, -1)).clamp(min=torch.finfo(torch.float32).tiny)
+    scale = _FP8_E4M3_MAX * scheme.grid.hi / amax
+    return torch.nan_to_num(scale, nan=1.0, posinf=1.0, neginf=1.0)
+
+
+def _per_matrix(scale: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A global scale [] or [E] viewed to broadcast against ``like`` [E, ...]; one already shaped so is kept."""
+    if scale is None:
+        raise ValueError("NVFP4 scales need the matrix's global scale; compute it with observers.global_scale")
+    if scale.dim() > 1:
+        return scale
+    return scale.view(*scale.shape, *([1] * (like.dim() - scale.dim())))
+
+
+def _fp8_global_scale(scale: torch.Tensor, gscale: torch.Tensor) -> torch.Tensor:
+    """The multiplying scale ``fp8 / global`` of FP8 E4M3 group scales stored relative to a global scale."""
+    fp8 = torch.clamp(gscale * scale, -_FP8_E4M3_MAX, _FP8_E4M3_MAX).to(torch.float8_e4m3fn).to(scale.dtype)
+    return torch.where(fp8 == 0, _FP8_E4M3_EPS, fp8) / gscale
+
+
+def _e8m0_scale(amax: torch.Tensor) -> torch.Tensor:
+    """A power-of-two scale: amax rounded to a power of two (up from a significand of 1.75), over 2**2 (E2M1's
+    largest exponent); all-zero groups get the smallest exponent."""
+    significand, exponent = torch.frexp(amax)  # amax = significand * 2**exponent, significand in [0.5, 1)
+    power = exponent - 1 + (significand >= 0.875).to(exponent.dtype)
+    power = torch.where(amax > 0, power - 2, _E8M0_EXP[0]).clamp(*_E8M0_EXP)
+    return torch.ldexp(torch.ones_like(amax), power)
+
+
 def _stored(scale: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """The scale as the checkpoint will hold it (rounded to the scale dtype), kept in the working dtype."""
     return scale.to(scheme.scale_torch_dtype).to(scale.dtype)
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme) -> torch.Tensor:
-    """Integer codes (as floats) of ``w`` on the grid; ``scale``/``zero`` broadcast against ``w``."""
+    """Grid values (integers for integer formats) of ``w``; ``scale``/``zero`` broadcast against ``w``."""
     scaled = w / scale
     if zero is not None:
         scaled = scaled + zero
-    return torch.round(torch.clamp(scaled, scheme.qmin, scheme.qmax))
+    return scheme.grid.round(scaled)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
@@ -71,18 +124,21 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) 
     return shifted * scale
 
 
-def fit_qparams(groups: torch.Tensor, cfg: SolverConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale and zero point for each group ``[..., group_size]`` (reduced over the last dimension)."""
+def fit_qparams(
+    groups: torch.Tensor, cfg: SolverConfig, global_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point for each group ``[..., group_size]`` (reduced over the last dimension);
+    ``global_scale`` as in ``range_qparams``."""
     lo, hi = torch.aminmax(groups, dim=-1)
     if cfg.observer == "minmax":
-        return range_qparams(lo, hi, cfg.scheme)
+        return range_qparams(lo, hi, cfg.scheme, global_scale)
     if cfg.observer == "mse":
-        return _mse_qparams(groups, lo, hi, cfg)
+        return _mse_qparams(groups, lo, hi, cfg, global_scale)
     raise ValueError(f"unknown observer {cfg.observer!r}")
 
 
 def _mse_qparams(
-    groups: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, cfg: SolverConfig
+    groups: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, cfg: SolverConfig, gscale: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Shrink the min-max range by 1 - i/grid for i < max_shrink*grid; keep, per group, the range whose
     rounding error has the smallest sum of |error|**norm. Ties keep the widest range (the min-max one)."""
@@ -90,10 +146,12 @@ def _mse_qparams(
     shrink = 1.0 - torch.arange(steps, device=groups.device, dtype=groups.dtype) / cfg.mse_grid
     per_step = max(1, _MSE_ELEMENTS_PER_STEP // max(1, groups.numel()))
     best_err = torch.full_like(lo, float("inf"))
-    best_scale, best_zero = range_qparams(lo, hi, cfg.scheme)
+    if gscale is not None:  # shaped before the candidates' leading dimension is added
+        gscale = _per_matrix(gscale, lo)
+    best_scale, best_zero = range_qparams(lo, hi, cfg.scheme, gscale)
     for start in range(0, steps, per_step):
         p = shrink[start : start + per_step].view(-1, *([1] * lo.dim()))
-        scale, zero = range_qparams(p * lo, p * hi, cfg.scheme)
+        scale, zero = range_qparams(p * lo, p * hi, cfg.scheme, gscale)
         zero_b = None if zero is None else zero.unsqueeze(-1)
         deq = dequantize(quantize(groups, scale.unsqueeze(-1), zero_b, cfg.scheme), scale.unsqueeze(-1), zero_b)
         err = (deq - groups).abs_().pow_(cfg.mse_norm).sum(-1)
@@ -123,9 +181,11 @@ def dequantize_weight(
     zero: torch.Tensor | None,
     group_size: int,
     g_idx: torch.Tensor | None = None,
+    unit: float = 1.0,
 ) -> torch.Tensor:
-    """Dequantize codes ``[..., out, in]`` with per-group scale/zero ``[..., out, groups]`` (float32 result)."""
+    """Dequantize int8 codes ``[..., out, in]`` (multiples of the grid's ``unit``) with per-group scale/zero
+    ``[..., out, groups]`` (float32 result)."""
     columns = q.shape[-1]
     col_scale = column_params(scale, group_size, g_idx, columns)
     col_zero = None if zero is None else column_params(zero, group_size, g_idx, columns)
-    return dequantize(q, col_scale, col_zero)
+    return dequantize(q.float() * unit, col_scale, col_zero)

@@ -13,7 +13,7 @@ from collections import Counter
 
 import torch
 
-from streamq.solvers.observers import fit_qparams, quantize
+from streamq.solvers.observers import fit_qparams, global_scale, quantize
 from streamq.solvers.rtn import make_result, static_qparams
 from streamq.solvers.scheme import QuantResult, SolverConfig
 
@@ -34,11 +34,12 @@ def gptq_reference(
     h[dead, dead] = 1
     w[:, dead] = 0
     dynamic = gs > 0 and cfg.actorder in ("none", "group")
+    gscale = global_scale(w, scheme)
     if dynamic:
         scale = torch.empty(out, n // gs, dtype=dtype, device=w.device)
         zero = None if scheme.symmetric else torch.empty_like(scale)
     else:
-        scale, zero = static_qparams(w, cfg)
+        scale, zero = static_qparams(w, cfg, gscale)
 
     perm = torch.arange(n, device=w.device)
     if cfg.actorder != "none":
@@ -51,7 +52,7 @@ def gptq_reference(
     codes = torch.empty_like(w)
     for j in range(n):
         if dynamic and j % gs == 0:
-            s, z = fit_qparams(w[:, j : j + gs], cfg)
+            s, z = fit_qparams(w[:, j : j + gs], cfg, gscale)
             scale[:, j // gs] = s
             if zero is not None:
                 zero[:, j // gs] = z
@@ -64,4 +65,5 @@ def gptq_reference(
 
     position = torch.argsort(perm)
     g_idx = (position // gs).to(torch.int32) if dynamic and cfg.actorder == "group" else None
-    return make_result(codes[:, position], scale, zero, g_idx, cfg, out_dtype, Counter())
+    codes = codes[:, position] / scheme.grid.unit
+    return make_result(codes, scale, zero, g_idx, cfg, out_dtype, Counter(), gscale=gscale)
