@@ -79,7 +79,10 @@ class Solver:
         else:
             hs = torch.stack([hessian(g) for g in groups])
             result = gptq_quantize(weights, hs, self.config, self.options)
-            sample = [i for i, g in enumerate(groups) if g.expert is None or g.expert % ERROR_EVERY == 0]
+            # A group no calibration token reached has a zero Hessian and no defined error (0 / 0): left out of
+            # the sample, so that the block's mean is over groups with data (its fallback is counted apart).
+            seen = (hs.diagonal(dim1=-2, dim2=-1).sum(-1) > 0).tolist()
+            sample = [i for i, g in enumerate(groups) if (g.expert is None or g.expert % ERROR_EVERY == 0) and seen[i]]
             if sample:
                 errors = hessian_weighted_error(weights[sample], result.weight[sample], hs[sample]).tolist()
                 solved.errors.update({groups[i].key: err for i, err in zip(sample, errors, strict=True)})
