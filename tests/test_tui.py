@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 
+from streamq.memory import plan_memory
 from streamq.recipe import Recipe, describe
 from streamq.tui import (
     BlockProgress,
@@ -35,6 +37,8 @@ TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
 # What the pipeline passes to run_start: the one-line description and the fields of a real Recipe.
 RECIPE = Recipe()
 RECIPE_LINE = "GPTQ W4 g128 sym, act-order, routed experts, 128×2048 tokens"
+# What the pipeline passes as plan: a real memory plan, described (see memory.py).
+PLAN = plan_memory(torch.device("cpu"), 2**20, None, None, None).describe()
 
 
 class FakeClock:
@@ -62,6 +66,7 @@ def _start(reporter: Reporter, total_blocks: int = 3, moe_blocks: list[int] | No
         recipe=describe(RECIPE),
         settings=RECIPE.to_dict(),
         moe_blocks=list(range(1, total_blocks)) if moe_blocks is None else moe_blocks,
+        plan=PLAN,
     )
 
 
@@ -129,6 +134,7 @@ def test_event_log_has_every_event_in_order_with_its_fields(tmp_path: Path) -> N
         "recipe": RECIPE_LINE,
         "settings": json.loads(json.dumps(RECIPE.to_dict())),
         "moe_blocks": [1, 2],
+        "plan": PLAN,
     }
     assert events[2] == {"event": "stage", "time": 1_700_000_000.0, "block": 1, "stage": "load"}
     assert events[3] == {
@@ -244,7 +250,7 @@ def test_plain_lines_without_a_terminal(tmp_path: Path) -> None:
     assert all(TIMESTAMP.match(line) for line in lines)
     messages = [TIMESTAMP.sub("", line) for line in lines]
     assert messages[0] == (
-        f"streamq: tiny -> out | 3 blocks, 4 experts per block, 4,096 calibration tokens | {RECIPE_LINE}"
+        f"streamq: tiny -> out | 3 blocks, 4 experts per block, 4,096 calibration tokens | {RECIPE_LINE} | {PLAN}"
     )
     assert messages[1] == "block 0 already done, skipped (1/3)"
     passes = ["calibrate pass 1/2", "solve pass 1/2", "calibrate pass 2/2", "solve pass 2/2"]
