@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   quantizes a tiny synthetic DeepSeek-V3-layout model end to end (CPU, about a minute)
+#   make demo   quantizes a tiny synthetic DeepSeek-V3-layout model end to end (CPU; about 15 s once installed)
 #   make test   runs the linter and the test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
