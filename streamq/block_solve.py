@@ -76,7 +76,10 @@ def calibrate_and_solve(
         with clock("solve", step=step, steps=len(passes)):
             _complete(method, chosen, stats)
         on_experts()
-    with clock("solve"):
+    if method.solves_at_end:
+        with clock("solve"):
+            method.block_complete(mine, stats)
+    else:
         method.block_complete(mine, stats)
     return stats
 

@@ -26,6 +26,7 @@ from streamq.solvers.scheme import QuantResult
 class Method(Protocol):
     calibrates: bool  # False: no calibration pass at all
     wants_moe_input: bool  # the first pass also accumulates the MoE input's Hessian
+    solves_at_end: bool  # block_complete solves something (else the progress shows no extra solve stage)
 
     def statistics_complete(self, groups: Sequence[LinearGroup], stats: BlockStats) -> None:
         """The Hessians of ``groups`` (this rank's) are complete."""
@@ -42,6 +43,7 @@ class GPTQ:
 
     calibrates = True
     wants_moe_input = False
+    solves_at_end = False
 
     def __init__(self, solver: Solver, solved: Solved) -> None:
         self.solver, self.solved = solver, solved
@@ -60,6 +62,7 @@ class RTN(GPTQ):
     """Round to nearest: no statistics, every group solved at the end."""
 
     calibrates = False
+    solves_at_end = True
 
     def statistics_complete(self, groups: Sequence[LinearGroup], stats: BlockStats) -> None:
         raise AssertionError("RTN collects no statistics")
@@ -74,6 +77,7 @@ class AWQ:
 
     calibrates = True
     wants_moe_input = True
+    solves_at_end = True
 
     def __init__(self, awq: BlockAWQ, solver: Solver, solved: Solved, block: Block, dist: Dist) -> None:
         self.awq, self.solver, self.solved, self.block, self.dist = awq, solver, solved, block, dist

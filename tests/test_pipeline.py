@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import signal
@@ -339,9 +340,12 @@ def test_peak_host_memory_stays_about_one_block(tmp_path: Path) -> None:
     stats = json.loads(done.stdout.strip().splitlines()[-1])
     chunk = budget * overrides["hidden_size"] * 2
     assert stats["layers"] >= 8
-    # Holding every block (8 × block) would break this bound; so would keeping the activations in RAM. Measured
-    # from the RSS after imports, so that the margin is what the run itself may add.
-    assert stats["peak"] - stats["base"] < 3 * stats["block_bf16"] + chunk, stats
+    # What the run may hold at once, measured from the RSS after imports: the loaded block, the CPU memory plan's
+    # budget for Hessians and solver workspace (2 blocks, memory.py), the block's packed output and one activation
+    # chunk, plus 256 MiB for the allocator. Holding every block (8 × block) breaks it; so would keeping the
+    # activations in RAM. (Measured on 2 cores: 3.8–4.1 blocks.)
+    allowed = 4 * stats["block_bf16"] + chunk + 256 * 2**20
+    assert stats["peak"] - stats["base"] < allowed < stats["layers"] * stats["block_bf16"], stats
 
 
 def test_the_memory_plan_is_shown_at_the_start_and_kept_in_the_report(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -352,3 +356,24 @@ def test_the_memory_plan_is_shown_at_the_start_and_kept_in_the_report(tiny_check
     assert "streamq: " in start and "| memory plan: " in start and "experts per solver call" in start, start
     plan = json.loads((tmp_path / "out" / REPORT_NAME).read_text())["memory_plan"]
     assert plan["budget"] == plan["hessian_bytes"] + plan["solver_bytes"] > 0
+
+
+@pytest.mark.parametrize("extra", [(), ("--scope", "all")], ids=["experts", "all"])
+def test_no_block_shows_the_same_stage_twice_in_a_row(
+    tiny_checkpoint: Path, tmp_path: Path, extra: tuple[str, ...]
+) -> None:
+    """Each stage event names new work: a GPTQ block has no trailing unlabelled 'solve' after its last pass."""
+    recipe = Recipe(data=DATA, scope="all" if extra else "experts")
+    events_path = tmp_path / "events.jsonl"
+    with Reporter(events_path, display="none") as reporter:
+        run(tiny_checkpoint, tmp_path / "out", recipe, OPTIONS, reporter)
+    stages: dict[int, list[tuple[str, int | None]]] = {}
+    for line in events_path.read_text().splitlines():
+        event = json.loads(line)
+        if event["event"] == "stage":
+            stages.setdefault(event["block"], []).append((event["stage"], event.get("step")))
+    assert len(stages) == 4
+    for block, seen in stages.items():
+        names = [name for name, _ in seen]  # passes alternate calibrate / solve: no name repeats
+        assert all(a != b for a, b in itertools.pairwise(names)), (block, seen)
+        assert seen[-2:] == [("write", None), ("propagate", None)], (block, seen)
