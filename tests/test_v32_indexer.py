@@ -20,9 +20,12 @@ import torch.nn.functional as F
 
 from streamq.config import ModelConfig
 from streamq.errors import StreamqError
+from streamq.groups import linear_groups
 from streamq.io.safetensors_stream import CheckpointReader
 from streamq.model.deepseek import MLA, Block, build_module, load_block, rope_cos_sin, rope_frequencies
 from streamq.model.indexer import Indexer, fp8_round, hadamard
+from streamq.recipe import Recipe
+from streamq.smooth import fold, fold_sites
 from streamq.synth import SynthOptions, synth_config, write_synthetic_checkpoint
 
 TOPK = 16  # the v32 preset's index_topk
@@ -248,3 +251,27 @@ def test_a_v32_config_without_its_indexer_fields_is_refused() -> None:
     raw = {k: v for k, v in synth_config(SynthOptions(preset="v32")).items() if k != "index_n_heads"}
     with pytest.raises(StreamqError, match="index_n_heads"):
         ModelConfig.from_dict(raw)
+
+
+def test_awq_folds_leave_the_sparse_attention_unchanged(v32_checkpoint: Path) -> None:
+    """AWQ divides the input norm and q_a_layernorm by s; the indexer reads both outputs (wk, weights_proj; wq_b)
+    and must absorb s like the quantized readers do, or its key selection would change."""
+    reader = CheckpointReader(v32_checkpoint)
+    cfg, layer, recipe = reader.config, 1, Recipe(scope="all")
+    block = load_block(reader, layer, "cpu", torch.float64)
+    cos, sin = rope_cos_sin(cfg, 32, "cpu")
+    x = torch.randn(2, 32, cfg.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    before = block(x, cos.double(), sin.double())
+    groups = {g.key: g for g in linear_groups(cfg, layer, recipe)}
+    modules = dict(block.named_modules())
+    sites = [site for site in fold_sites(cfg, layer, list(groups.values())) if site.producer.endswith("layernorm")]
+    compensated = {reader for site in sites for reader in site.compensate}
+    assert {"self_attn.indexer.wk", "self_attn.indexer.weights_proj", "self_attn.indexer.wq_b"} <= compensated
+    gen = torch.Generator().manual_seed(4)
+    for site in sites:
+        s = torch.exp(torch.randn(modules[site.producer].weight.shape[-1], generator=gen, dtype=torch.float64) * 0.5)
+        fold(block, site, s, lambda _name: torch.float64)
+        for member in (m for key in site.consumers for m in groups[key].members):
+            modules[member].weight.data = modules[member].weight.data * s
+    after = block(x, cos.double(), sin.double())
+    assert ((after - before).norm() / before.norm()).item() < 1e-6
