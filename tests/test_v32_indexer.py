@@ -22,6 +22,8 @@ from streamq.config import ModelConfig
 from streamq.errors import StreamqError
 from streamq.groups import linear_groups
 from streamq.io.safetensors_stream import CheckpointReader
+from streamq.model import deepseek as deepseek_module
+from streamq.model import indexer as indexer_module
 from streamq.model.deepseek import MLA, Block, build_module, load_block, rope_cos_sin, rope_frequencies
 from streamq.model.indexer import Indexer, fp8_round, hadamard
 from streamq.recipe import Recipe
@@ -171,8 +173,14 @@ def test_up_to_index_topk_keys_dsa_is_exactly_dense_causal_attention(block: Bloc
     torch.testing.assert_close(attn(x, cos, sin).double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_longer_sequences_select_the_reference_keys_and_attend_to_them_only(block: Block) -> None:
+@pytest.mark.parametrize("chunked", [False, True])
+def test_longer_sequences_select_the_reference_keys_and_attend_to_them_only(
+    block: Block, chunked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     attn, seq = block.self_attn, 48
+    if chunked:  # a few queries at a time, for the scores and for the masked attention
+        monkeypatch.setattr(indexer_module, "SCORE_CHUNK_ELEMENTS", 2 * 2 * seq * 5)
+        monkeypatch.setattr(deepseek_module, "MASKED_CHUNK_ELEMENTS", 2 * 4 * seq * 7)
     x = attention_input(block, seq)
     cos, sin = rope_cos_sin(attn.cfg, seq, "cpu")
     latent = attn.q_a_layernorm(attn.q_a_proj(x))

@@ -25,6 +25,7 @@ from streamq.model.indexer import Indexer
 
 # Tensors of a multi-token-prediction layer that are not part of its transformer block.
 MTP_EXTRAS = ("embed_tokens.", "enorm.", "hnorm.", "eh_proj.", "shared_head.")
+MASKED_CHUNK_ELEMENTS = 1 << 28  # attention scores per query chunk under a sparse-attention mask (512 MiB in bf16)
 
 
 class RMSNorm(nn.Module):
@@ -134,10 +135,28 @@ class MLA(nn.Module):
         keep = None
         if self.indexer is not None:
             keep = self.indexer.keep_mask(x, q_latent, cos / self.rope_factor, sin / self.rope_factor)
-        # keep None: every causal key (always so without an indexer, and with one up to index_topk keys).
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=keep is None, scale=cfg.softmax_scale)
+        if keep is None:  # every causal key: always without an indexer, and with one up to index_topk keys
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.softmax_scale)
+        else:
+            out = masked_attention(q, k, v, keep, cfg.softmax_scale)
         out = out[..., : cfg.v_head_dim]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, heads * cfg.v_head_dim))
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """SDPA over the keys ``keep`` [B, 1, S, S] marks, a chunk of queries at a time: with a mask no flash kernel
+    applies, and a fallback that materialises the scores then holds at most MASKED_CHUNK_ELEMENTS of them."""
+    b, heads, seq, _ = q.shape
+    step = max(1, MASKED_CHUNK_ELEMENTS // (b * heads * seq))
+    return torch.cat(
+        [
+            F.scaled_dot_product_attention(q[:, :, t : t + step], k, v, attn_mask=keep[:, :, t : t + step], scale=scale)
+            for t in range(0, seq, step)
+        ],
+        dim=2,
+    )
 
 
 # -- feed-forward ------------------------------------------------------------------------------------------------
