@@ -37,8 +37,8 @@ class IndexerConfig:
     """DeepSeek-V3.2's lightning indexer (DeepSeek Sparse Attention): each query attends only to the ``topk`` keys
     the indexer scores highest. Field names as in the release's config.json (``index_n_heads``, ``index_head_dim``,
     ``index_topk``); ``scale_fmt`` is its ``quantization_config.scale_fmt`` ("ue8m0": the indexer's FP8 activation
-    scales are powers of two), ``rope_interleave`` its ``indexer_rope_interleave`` (V3.2 rotates half-split
-    pairs, unlike its MLA)."""
+    scales are powers of two), ``rope_interleave`` its ``indexer_rope_interleave`` where present (GLM-MoE-DSA
+    configs carry it; V3.2's config has none: its indexer rotates half-split pairs, unlike its MLA)."""
 
     n_heads: int
     head_dim: int
