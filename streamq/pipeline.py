@@ -13,14 +13,16 @@ non-expert solves, the manifest, the report). The output is the same, byte for b
 
 from __future__ import annotations
 
+import hashlib
 import shutil
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from streamq.block_shard import write_block_shard
+from streamq.block_shard import start_block_shard
 from streamq.block_solve import Calibration, calibrate_and_solve
 from streamq.data import load_token_batches
 from streamq.distributed import SINGLE, Dist
@@ -158,7 +160,9 @@ def _start(ctx: _Run, tokens: torch.Tensor | None) -> None:
     if dist.main:
         names = [n for n in reader.names() if not n.startswith("model.layers.")]
         check_source_tensors(reader, names, ctx.device, ctx.options.allow_nonfinite, ctx.reporter.warning)
-        write_shard(output.path / file, plan_tensors(reader, names, {}, {}, keep_fp8=False), _CRASH_WRITE)
+        digest = hashlib.sha256()
+        plan = plan_tensors(reader, names, {}, {}, keep_fp8=False)
+        write_shard(output.path / file, plan, _CRASH_WRITE, digest=digest)
     embedding = load_embedding(reader, ctx.device, ctx.dtype)
     writer = ActivationWriter(output.activation_path(0, dist), local_spec(spec, dist))
     per_batch = batch_samples(spec, ctx.options.token_budget, dist)
@@ -167,7 +171,7 @@ def _start(ctx: _Run, tokens: torch.Tensor | None) -> None:
         writer.write(first, embedding(tokens[slice_first:slice_stop].to(ctx.device)))
     writer.commit()
     if dist.main:
-        output.record_shard(HEAD, file)
+        output.record_shard(HEAD, file, digest.hexdigest())
     output.start_activations(spec, per_batch)
     output.commit(dist)
 
@@ -177,6 +181,7 @@ def _quantize_block(ctx: _Run, layer: int) -> None:
     spec = manifest.activation_spec
     assert spec is not None and manifest.activations is not None
     report = BlockReport(layer, "moe" if cfg.is_moe_layer(layer) else "dense")
+    started = time.perf_counter()
     clock = StageClock(report, ctx.reporter)
     experts = dist.experts(cfg.n_routed_experts) if cfg.is_moe_layer(layer) else range(0)
     with clock("load"):
@@ -192,18 +197,21 @@ def _quantize_block(ctx: _Run, layer: int) -> None:
     groups = [g for g in every if g.expert is None or g.expert in experts]
     solved = _solve_block(ctx, block, groups, inputs, report) if every else Solved()
     share_dense_weights(dict(block.named_modules()), groups, solved, dist)
-    with clock("write"):
+    with clock("write"):  # started here, finished in the background while the block propagates
         shard = ctx.output.path / shard_name(1 + layer, ctx.output.manifest.total_shards)
-        write_block_shard(shard, ctx.reader, layer, ctx.recipe, solved, block, dist, _CRASH_WRITE)
+        writing = start_block_shard(shard, ctx.reader, layer, ctx.recipe, solved, block, dist, _CRASH_WRITE)
     with clock("propagate"):
         writer = ActivationWriter(output.activation_path(layer + 1, dist), local_spec(spec, dist))
         check = partial(check_activations, layer=layer, stage="propagate", allow=ctx.options.allow_nonfinite)
         first = propagate(block, inputs, writer, ctx.dtype, dist, experts, check)
         writer.commit()
         report.rel_error = rel_error(first.float(), reference, dist)
+    with clock("write", announce=False):  # what of the write and its hash propagation did not hide
+        digest = writing.result()
     source.close()
     merge_rank_stats(report, solved.errors, solved.fallbacks, len(solved.packed), dist)
-    _finish_block(ctx, layer, report)
+    report.wall_seconds = time.perf_counter() - started
+    _finish_block(ctx, layer, report, digest)
 
 
 def _solve_block(
@@ -257,11 +265,11 @@ def _block_awq(
     return BlockAWQ(block, sites, mine, recipe.solver, dist, stored)
 
 
-def _finish_block(ctx: _Run, layer: int, report: BlockReport) -> None:
+def _finish_block(ctx: _Run, layer: int, report: BlockReport, digest: str | None) -> None:
     output, dist = ctx.output, ctx.dist
     old = output.activation_path(layer, dist)
     if dist.main:
-        output.record_shard(f"layer.{layer}", shard_name(1 + layer, output.manifest.total_shards))
+        output.record_shard(f"layer.{layer}", shard_name(1 + layer, output.manifest.total_shards), digest)
         save_block_report(output, report)
     output.activations_ready(layer + 1)
     output.commit(dist)
@@ -284,8 +292,10 @@ def _finish(ctx: _Run) -> None:
             file = shard_name(1 + layer, manifest.total_shards)
             names = reader.names(reader.layer_prefix(layer))
             check_source_tensors(reader, names, ctx.device, ctx.options.allow_nonfinite, ctx.reporter.warning)
-            write_shard(output.path / file, plan_tensors(reader, names, {}, {}, keep_fp8=False), _CRASH_WRITE)
-            output.record_shard(key, file)
+            digest = hashlib.sha256()
+            plan = plan_tensors(reader, names, {}, {}, keep_fp8=False)
+            write_shard(output.path / file, plan, _CRASH_WRITE, digest=digest)
+            output.record_shard(key, file, digest.hexdigest())
             output.save()
         write_index(output.path, [r.file for r in manifest.shards.values()])
         write_config(output.path, reader, ctx.recipe)

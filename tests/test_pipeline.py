@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -41,7 +42,7 @@ def output_files(out: Path) -> dict[str, bytes]:
 
 def report_without_times(out: Path) -> list[dict]:
     blocks = json.loads((out / REPORT_NAME).read_text())["blocks"]
-    return [{k: v for k, v in b.items() if k != "seconds"} for b in blocks]
+    return [{k: v for k, v in b.items() if k not in ("seconds", "wall_seconds")} for b in blocks]
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,25 @@ def test_only_methods_that_need_statistics_run_calibration_passes(
     quantize(tiny_checkpoint, tmp_path / "out", Recipe(data=DATA, method=method))
     # RTN needs no statistics: not one pass over the activations (GPTQ makes at least one per MoE block).
     assert (len(passes) > 0) == (method != "rtn")
+
+
+def test_shards_are_hashed_as_written_not_read_back(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest's checksums come from the bytes the writer produced (in the background, overlapped with
+    propagation), and they are the files' SHA-256, which resume verifies."""
+    import streamq.resume
+
+    def read_back(path: Path, chunk: int = 0) -> str:
+        raise AssertionError(f"{path} was read back to hash it")
+
+    monkeypatch.setattr(streamq.resume, "sha256_file", read_back)
+    out = quantize(tiny_checkpoint, tmp_path / "out")
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    shards = manifest["shards"]
+    assert len(shards) == manifest["total_shards"] == 1 + 4 + 1  # head, 4 blocks, the MTP layer
+    for record in shards.values():
+        assert record["sha256"] == hashlib.sha256((out / record["file"]).read_bytes()).hexdigest()
 
 
 # -- crash safety ---------------------------------------------------------------------------------------------
