@@ -49,7 +49,7 @@ from streamq.forward import (
 from streamq.groups import LinearGroup, linear_groups
 from streamq.io.activations import ActivationReader, ActivationSpec, ActivationWriter, dtype_name
 from streamq.io.safetensors_stream import CheckpointReader
-from streamq.memory import MemoryPlan, largest_block_bytes, plan_memory, release_host_memory
+from streamq.memory import MemoryPlan, largest_block_bytes, moe_input_bytes, plan_memory, release_host_memory
 from streamq.methods import make_method
 from streamq.model.deepseek import Block, MoE, load_block, load_embedding, rope_cos_sin
 from streamq.preflight import Checked, check_before_output, config_sha
@@ -120,11 +120,18 @@ def run(
         reporter.warning(f"{out} is already complete; nothing to do")
         return Path(out)
     device = resolve_device(options.device)
-    block_bytes = largest_block_bytes(reader)
-    memory = plan_memory(device, block_bytes, options.memory_budget, options.hessian_budget, options.solve_batch)
-    ctx = _Run(
-        reader, output, recipe, options, memory, device, getattr(torch, options.dtype), reporter, dist, model_dir
+    dtype = getattr(torch, options.dtype)
+    has_moe = any(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    moe_input = moe_input_bytes(recipe.data.num_tokens, cfg.hidden_size, cfg.num_experts_per_tok, dtype)
+    memory = plan_memory(
+        device,
+        largest_block_bytes(reader),
+        options.memory_budget,
+        options.hessian_budget,
+        options.solve_batch,
+        moe_input if has_moe else 0,
     )
+    ctx = _Run(reader, output, recipe, options, memory, device, dtype, reporter, dist, model_dir)
     reporter.run_start(
         model=str(model_dir),
         out=str(out),
@@ -232,7 +239,13 @@ def _solve_block(
     method = make_method(recipe.method, solver, solved, block, dist, awq)
     check = partial(check_hessians, layer=layer, allow=ctx.options.allow_nonfinite)
     calibration = Calibration(
-        recipe.calibration, recipe.min_tokens, recipe.tie_gate_up, ctx.memory.hessian_bytes, dist, check
+        recipe.calibration,
+        recipe.min_tokens,
+        recipe.tie_gate_up,
+        ctx.memory.hessian_bytes,
+        dist,
+        check,
+        ctx.memory.cache_bytes,
     )
     moe = block.mlp if isinstance(block.mlp, MoE) else None
 

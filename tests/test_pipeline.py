@@ -19,6 +19,7 @@ import torch
 from streamq.data import DataConfig
 from streamq.errors import StreamqError
 from streamq.io.safetensors_stream import CheckpointReader
+from streamq.memory import plan_memory
 from streamq.pipeline import RunOptions, run
 from streamq.recipe import Recipe
 from streamq.report import REPORT_NAME
@@ -262,6 +263,46 @@ def test_chunked_expert_passes_and_untied_gate_up_give_the_same_bytes(
     assert {k: v for k, v in output_files(untied).items() if k.startswith("model-")} == shards
 
 
+@pytest.mark.slow
+def test_later_expert_passes_start_from_the_moe_inputs_kept_on_the_device(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one expert per pass, only each MoE block's first pass reads the block's input and runs its attention
+    when the plan keeps the MoE inputs; the bytes are those of recomputing them every pass."""
+    import streamq.block_solve
+    import streamq.memory
+
+    full_passes: list[object] = []
+    real_pass = streamq.block_solve.calibration_pass
+    monkeypatch.setattr(
+        streamq.block_solve, "calibration_pass", lambda *args: full_passes.append(args[4]) or real_pass(*args)
+    )
+    one_expert_per_pass = replace(OPTIONS, hessian_budget=1)
+    kept = quantize(tiny_checkpoint, tmp_path / "kept", options=one_expert_per_pass)
+    kept_passes = len(full_passes)
+    full_passes.clear()
+    monkeypatch.setattr(streamq.memory, "CACHE_SHARE", 0.0)
+    recomputed = quantize(tiny_checkpoint, tmp_path / "recomputed", options=one_expert_per_pass)
+    assert kept_passes == 2 < len(full_passes)  # one per MoE block, against one per expert
+    plans = [json.loads((out / REPORT_NAME).read_text())["memory_plan"] for out in (kept, recomputed)]
+    assert plans[0]["cache_bytes"] > 0 == plans[1]["cache_bytes"]
+    shards = {k: v for k, v in output_files(recomputed).items() if k.startswith("model-")}
+    assert {k: v for k, v in output_files(kept).items() if k.startswith("model-")} == shards
+
+
+def test_the_moe_inputs_are_kept_only_within_half_the_solvers_share() -> None:
+    cpu = torch.device("cpu")
+    budget = 8 << 30
+    solver_share = budget - int(budget * 0.375)
+    fits = plan_memory(cpu, 0, budget, moe_input_bytes=solver_share // 2)
+    assert fits.cache_bytes == solver_share // 2 and fits.solver_bytes == solver_share - solver_share // 2
+    too_big = plan_memory(cpu, 0, budget, moe_input_bytes=solver_share // 2 + 1)
+    assert too_big.cache_bytes == 0 and too_big.solver_bytes == solver_share
+    for plan in (fits, too_big):
+        assert plan.budget == plan.hessian_bytes + plan.solver_bytes + plan.cache_bytes
+    assert "MoE inputs kept 2.5 GiB" in fits.describe() and "MoE inputs not kept" in too_big.describe()
+
+
 # -- the output loads ---------------------------------------------------------------------------------------------
 
 
@@ -319,6 +360,7 @@ import json, math, resource, sys
 from pathlib import Path
 from streamq.data import DataConfig
 from streamq.io.safetensors_stream import CheckpointReader
+from streamq.memory import plan_memory
 from streamq.pipeline import RunOptions, run
 from streamq.recipe import Recipe
 from streamq.tui import Reporter
@@ -375,7 +417,7 @@ def test_the_memory_plan_is_shown_at_the_start_and_kept_in_the_report(tiny_check
     start = shown.getvalue().splitlines()[0]
     assert "streamq: " in start and "| memory plan: " in start and "experts per solver call" in start, start
     plan = json.loads((tmp_path / "out" / REPORT_NAME).read_text())["memory_plan"]
-    assert plan["budget"] == plan["hessian_bytes"] + plan["solver_bytes"] > 0
+    assert plan["budget"] == plan["hessian_bytes"] + plan["solver_bytes"] + plan["cache_bytes"] > 0
 
 
 @pytest.mark.parametrize("extra", [(), ("--scope", "all")], ids=["experts", "all"])
