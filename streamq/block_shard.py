@@ -10,12 +10,15 @@ thread's collectives (with several processes) run on a process group of their ow
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from streamq.distributed import Dist
 from streamq.export.checkpoint import Producer, plan_tensors, stored_dtype, write_shard
@@ -58,13 +61,26 @@ def start_block_shard(
     weights, copied now: the block may change after this returns)."""
     plan, owner = _shard_plan(reader, layer, recipe, solved, block, dist)
     side = dist.side()
+    copies = _copy_stream(next(block.parameters()).device)
 
     def write() -> str | None:
         digest = hashlib.sha256()
-        write_shard(path, plan, on_write, side, owner, digest)
+        with copies:
+            write_shard(path, plan, on_write, side, owner, digest)
         return digest.hexdigest() if side.main else None
 
     return ShardWrite(_WRITER.submit(write))
+
+
+def _copy_stream(device: torch.device) -> contextlib.AbstractContextManager:
+    """On a GPU, the writer thread copies the packed tensors to the host on a stream of its own (the default
+    stream is busy with propagation and would make every copy wait for it), after what the main thread has
+    queued so far (the solver's last packing)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    return torch.cuda.stream(stream)
 
 
 def _shard_plan(
