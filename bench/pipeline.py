@@ -100,10 +100,10 @@ def main() -> None:
     for gpus in (int(g) for g in args.gpus.split(",")):
         results["runs"][gpus] = measure(args, model, gpus)
         print_table(results["runs"][gpus], gpus, results["tokens"], results["device"], results["floors"])
+        if args.json:  # after each GPU count: a run cut short keeps what it measured
+            args.json.write_text(json.dumps(results, indent=2))
     if len(results["runs"]) > 1:
         print_speedup(results["runs"])
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
 
 
 def measure(args: argparse.Namespace, model: Path, gpus: int) -> dict:

@@ -62,7 +62,7 @@ def calibrate_and_solve(
     if hybrid:
         counting = PassPlan((), (), dense_hooks=True, count_routes=True, moe_input=True)
         with clock("calibrate"):
-            _pass(block, inputs, counting, stats.into, cache)
+            _pass(block, inputs, counting, stats.into, cache, dist)
         stats.all_tokens = {e for e in experts if stats.into.counts[e].item() < calibration.min_tokens}
         with clock("solve"):
             _complete(method, [g for g in mine if g.expert is None], stats)
@@ -75,7 +75,7 @@ def calibrate_and_solve(
     )
     for step, plan in enumerate(passes, 1):
         with clock("calibrate", step=step, steps=len(passes)):
-            _pass(block, inputs, plan, stats.into, cache)
+            _pass(block, inputs, plan, stats.into, cache, dist)
         chosen = [g for g in mine if g.expert in plan.experts or (g.expert is None and plan.dense_hooks)]
         with clock("solve", step=step, steps=len(passes)):
             _complete(method, chosen, stats)
@@ -110,7 +110,9 @@ class MoEInputCache:
             self.batches.append((m, indices))
 
 
-def _pass(block: Block, inputs: BlockInputs, plan: PassPlan, into: Accumulators, cache: MoEInputCache) -> None:
+def _pass(
+    block: Block, inputs: BlockInputs, plan: PassPlan, into: Accumulators, cache: MoEInputCache, dist: Dist
+) -> None:
     """One calibration pass: from the cached MoE inputs when the first pass kept them all and this pass needs
     nothing before the MoE, else over the block's input (the first such pass filling the cache)."""
     if cache.complete and isinstance(block.mlp, MoE) and not plan.dense_hooks:
@@ -119,7 +121,11 @@ def _pass(block: Block, inputs: BlockInputs, plan: PassPlan, into: Accumulators,
     keep = None if cache.started else cache.keep
     calibration_pass(block, inputs.read("calibrate"), inputs.cos, inputs.sin, plan, into, keep)
     cache.started = True
-    cache.complete = keep is not None and cache.within_limit
+    # Every rank takes part in the gathers of a pass over the input, so they must all skip them or none: each
+    # rank's limit comes from its own device's free memory.
+    cache.complete = all(dist.gather_objects(keep is not None and cache.within_limit))
+    if not cache.complete:
+        cache.batches = []
 
 
 def _block_stats(
