@@ -45,9 +45,11 @@ def calibrate_and_solve(
     method: Method,
     clock: StageClock,
     on_experts: OnExperts,
+    on_calibrated: OnExperts = lambda: None,
 ) -> BlockStats | None:
     """Feed ``method`` the statistics of ``groups`` (the block's non-expert groups and this rank's experts);
-    returns the statistics (None for a method without calibration)."""
+    returns the statistics (None for a method without calibration). ``on_calibrated`` runs on every rank after
+    each calibration pass, before its solve."""
     dist = calibration.dist
     mine = [g for g in groups if g.expert is not None or dist.main]
     if not method.calibrates:
@@ -63,6 +65,7 @@ def calibrate_and_solve(
         counting = PassPlan((), (), dense_hooks=True, count_routes=True, moe_input=True)
         with clock("calibrate"):
             _pass(block, inputs, counting, stats.into, cache, dist)
+        on_calibrated()
         stats.all_tokens = {e for e in experts if stats.into.counts[e].item() < calibration.min_tokens}
         with clock("solve"):
             _complete(method, [g for g in mine if g.expert is None], stats)
@@ -76,6 +79,7 @@ def calibrate_and_solve(
     for step, plan in enumerate(passes, 1):
         with clock("calibrate", step=step, steps=len(passes)):
             _pass(block, inputs, plan, stats.into, cache, dist)
+        on_calibrated()
         chosen = [g for g in mine if g.expert in plan.experts or (g.expert is None and plan.dense_hooks)]
         with clock("solve", step=step, steps=len(passes)):
             _complete(method, chosen, stats)

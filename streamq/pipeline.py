@@ -16,13 +16,14 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from streamq.block_shard import start_block_shard
+from streamq.block_shard import ShardWrite, start_block_shard
 from streamq.block_solve import Calibration, calibrate_and_solve
 from streamq.data import load_token_batches
 from streamq.distributed import SINGLE, Dist
@@ -100,6 +101,8 @@ class _Run:
     reporter: Reporter
     dist: Dist
     model_dir: Path
+    # Manifest updates waiting for their shard's checksum (with several processes, see _finish_block).
+    pending: list[Callable[[], None]] = field(default_factory=list)
 
 
 def run(
@@ -205,6 +208,7 @@ def _quantize_block(ctx: _Run, layer: int) -> None:
     solved = _solve_block(ctx, block, groups, inputs, report) if every else Solved()
     share_dense_weights(dict(block.named_modules()), groups, solved, dist)
     with clock("write"):  # started here, finished in the background while the block propagates
+        _settle(ctx)  # if no calibration pass did: before this block's output activations take the room
         shard = ctx.output.path / shard_name(1 + layer, ctx.output.manifest.total_shards)
         writing = start_block_shard(shard, ctx.reader, layer, ctx.recipe, solved, block, dist, _CRASH_WRITE)
     with clock("propagate"):
@@ -213,12 +217,13 @@ def _quantize_block(ctx: _Run, layer: int) -> None:
         first = propagate(block, inputs, writer, ctx.dtype, dist, experts, check)
         writer.commit()
         report.rel_error = rel_error(first.float(), reference, dist)
-    with clock("write", announce=False):  # what of the write and its hash propagation did not hide
-        digest = writing.result()
+    if dist.world == 1:
+        with clock("write", announce=False):  # what of the write (hashed as written) propagation did not hide
+            writing.result()
     source.close()
     merge_rank_stats(report, solved.errors, solved.fallbacks, len(solved.packed), dist)
     report.wall_seconds = time.perf_counter() - started
-    _finish_block(ctx, layer, report, digest)
+    _finish_block(ctx, layer, report, writing)
 
 
 def _solve_block(
@@ -254,9 +259,9 @@ def _solve_block(
             for rank, done in enumerate(dist.gather_objects(solved.experts_done())):
                 ctx.reporter.experts(layer, done, len(dist.experts(len(moe.experts))), rank=rank)
 
-    stats = calibrate_and_solve(
-        block, groups, inputs, calibration, method, StageClock(report, ctx.reporter), on_experts
-    )
+    # The previous block's record (see _finish_block) waits at most until this block's first pass is done.
+    clock = StageClock(report, ctx.reporter)
+    stats = calibrate_and_solve(block, groups, inputs, calibration, method, clock, on_experts, partial(_settle, ctx))
     if moe is not None and stats is not None:
         routed = stats.into.counts.tolist()
         ctx.reporter.expert_tokens(layer, routed)
@@ -278,8 +283,28 @@ def _block_awq(
     return BlockAWQ(block, sites, mine, recipe.solver, dist, stored)
 
 
-def _finish_block(ctx: _Run, layer: int, report: BlockReport, digest: str | None) -> None:
+def _finish_block(ctx: _Run, layer: int, report: BlockReport, writing: ShardWrite) -> None:
+    """Record the finished block in the manifest. With several processes rank 0 can hash the shard only once
+    every rank has written its part, which takes longer than propagation hides: the record then waits (the
+    previous block's input kept, so a crash meanwhile resumes from this block) until the next block's first
+    calibration pass is done (or its write starts, or the run ends)."""
+    record = partial(_record_block, ctx, layer, report, writing)
+    if ctx.dist.world == 1:
+        record()
+    else:
+        ctx.pending.append(record)
+    release_host_memory()
+    ctx.reporter.block_done(layer, rel_error=report.rel_error if report.rel_error is not None else float("nan"))
+
+
+def _settle(ctx: _Run) -> None:
+    while ctx.pending:
+        ctx.pending.pop(0)()
+
+
+def _record_block(ctx: _Run, layer: int, report: BlockReport, writing: ShardWrite) -> None:
     output, dist = ctx.output, ctx.dist
+    digest = writing.result()
     old = output.activation_path(layer, dist)
     if dist.main:
         output.record_shard(f"layer.{layer}", shard_name(1 + layer, output.manifest.total_shards), digest)
@@ -288,12 +313,11 @@ def _finish_block(ctx: _Run, layer: int, report: BlockReport, digest: str | None
     output.commit(dist)
     old.unlink(missing_ok=True)
     crash_point("block-done")
-    release_host_memory()
-    ctx.reporter.block_done(layer, rel_error=report.rel_error if report.rel_error is not None else float("nan"))
 
 
 def _finish(ctx: _Run) -> None:
     """The MTP layers (copied unquantized), the index, config.json, the side files and the report."""
+    _settle(ctx)
     reader, output, dist = ctx.reader, ctx.output, ctx.dist
     cfg, manifest = reader.config, output.manifest
     if dist.main:

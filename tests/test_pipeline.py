@@ -204,11 +204,11 @@ def test_disk_full_stops_cleanly_and_resumes(
     real_write = writer._write_tensor
     calls = {"n": 0}
 
-    def full_disk(f, spec, chunks):
+    def full_disk(f, spec, chunks, digest):
         calls["n"] += 1
         if calls["n"] == 40:
             raise OSError(28, "No space left on device")
-        return real_write(f, spec, chunks)
+        return real_write(f, spec, chunks, digest)
 
     monkeypatch.setattr(writer, "_write_tensor", full_disk)
     with pytest.raises(StreamqError, match=r"disk full while writing; free space on .* and rerun to resume"):
