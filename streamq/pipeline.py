@@ -1,10 +1,10 @@
 """``streamq run``: shards → block → activations → Hessians → solver → packed shards, one block at a time.
 
 For each decoder block: load its weights (FP8 dequantized on the device), calibrate and solve (block_solve.py:
-Hessians from the saved input activations, handed to the method), write the block's shard, then propagate the
-activations through the *quantized* block, so that the next block is calibrated on what it will really see. The
-manifest is updated after each block (see resume.py); host memory holds one block's packed weights and one
-micro-batch.
+Hessians from the saved input activations, handed to the method), write the block's shard (in the background,
+see block_shard.py) while propagating the activations through the *quantized* block, so that the next block is
+calibrated on what it will really see. The manifest is updated after each block (see resume.py); host memory
+holds a few micro-batches and the tensor being written (on a GPU the packed weights stay on the device).
 
 With several processes (see distributed.py) every rank runs this same loop on its slice of the calibration
 sequences and its share of each layer's experts; rank 0 also owns everything that is not a routed expert (the

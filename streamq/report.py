@@ -30,8 +30,8 @@ class BlockReport:
     tokens_hessian: dict[str, float] | None = None
     fallbacks: dict[str, int] = field(default_factory=dict)
     quantized_linears: int = 0
-    # From the block's start to its shard being recorded: the stages plus what no stage covers (the per-block
-    # figure the whole-model time is made of).
+    # From the block's start to its shard written and its output saved, before the manifest update: the stages
+    # plus what no stage covers.
     wall_seconds: float | None = None
 
 
