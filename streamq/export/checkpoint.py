@@ -27,7 +27,7 @@ from streamq.export.compressed_tensors import (
 from streamq.export.vllm_contract import vllm_config
 from streamq.io.atomic import write_atomic
 from streamq.io.safetensors_stream import INDEX_NAME, SCALE_SUFFIX, CheckpointReader, read_header
-from streamq.io.safetensors_write import TensorSpec, write_safetensors_together
+from streamq.io.safetensors_write import Digest, TensorSpec, write_safetensors_together
 from streamq.recipe import Recipe
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -101,9 +101,10 @@ def write_shard(
     on_tensor: Callable[[], None],
     dist: Dist = SINGLE,
     owner: Callable[[str], int] = lambda _name: 0,
+    digest: Digest | None = None,
 ) -> None:
     """Write ``plan``; with several processes each writes the tensors ``owner`` assigns it. ``on_tensor`` runs
-    after each tensor is produced (progress, fault injection)."""
+    after each tensor is produced (progress, fault injection); ``digest`` receives the file's bytes (rank 0)."""
 
     def produce(spec: TensorSpec) -> list[torch.Tensor]:
         tensor = plan[spec.name][1]()
@@ -114,7 +115,7 @@ def write_shard(
         return owner(spec.name) == dist.rank
 
     specs = [spec for spec, _ in plan.values()]
-    write_safetensors_together(path, specs, produce, owns, dist, {"format": "pt"})
+    write_safetensors_together(path, specs, produce, owns, dist, {"format": "pt"}, digest)
 
 
 def write_index(out_dir: Path, shard_files: Iterable[str]) -> None:
