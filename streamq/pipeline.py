@@ -158,7 +158,7 @@ def _start(ctx: _Run, tokens: torch.Tensor | None) -> None:
     if dist.main:
         names = [n for n in reader.names() if not n.startswith("model.layers.")]
         check_source_tensors(reader, names, ctx.device, ctx.options.allow_nonfinite, ctx.reporter.warning)
-        write_shard(output.path / file, plan_tensors(reader, names, {}, {}, keep_fp8=False), _CRASH_WRITE)
+        write_shard(output.path / file, plan_tensors(reader, names, {}, {}), _CRASH_WRITE)
     embedding = load_embedding(reader, ctx.device, ctx.dtype)
     writer = ActivationWriter(output.activation_path(0, dist), local_spec(spec, dist))
     per_batch = batch_samples(spec, ctx.options.token_budget, dist)
@@ -218,6 +218,7 @@ def _solve_block(
         solve_options,
         ctx.memory.solve_batch,
         partial(ctx.reporter.fallback, layer),
+        recipe.plan(ctx.reader.config.fp8_block is not None).quantized(),
     )
     mine = [g for g in groups if g.expert is not None or dist.main]
     awq = partial(_block_awq, ctx.reader, recipe, dist, block, layer, mine)
@@ -254,7 +255,9 @@ def _block_awq(
         return stored_dtype(reader, prefix + name)
 
     sites = fold_sites(reader.config, layer, linear_groups(reader.config, layer, recipe))
-    return BlockAWQ(block, sites, mine, recipe.solver, dist, stored)
+    # One grid for every quantized family (Recipe refuses AWQ with mixed schemes).
+    (scheme,) = recipe.plan().by_scheme()
+    return BlockAWQ(block, sites, mine, recipe.solver_for(scheme), dist, stored)
 
 
 def _finish_block(ctx: _Run, layer: int, report: BlockReport) -> None:
@@ -284,7 +287,7 @@ def _finish(ctx: _Run) -> None:
             file = shard_name(1 + layer, manifest.total_shards)
             names = reader.names(reader.layer_prefix(layer))
             check_source_tensors(reader, names, ctx.device, ctx.options.allow_nonfinite, ctx.reporter.warning)
-            write_shard(output.path / file, plan_tensors(reader, names, {}, {}, keep_fp8=False), _CRASH_WRITE)
+            write_shard(output.path / file, plan_tensors(reader, names, {}, {}), _CRASH_WRITE)
             output.record_shard(key, file)
             output.save()
         write_index(output.path, [r.file for r in manifest.shards.values()])

@@ -16,12 +16,13 @@ import torch
 
 from streamq.config import ModelConfig
 from streamq.distributed import SINGLE, Dist
-from streamq.export.compressed_tensors import fp8_passthrough_targets, mtp_ignore, quantization_config
+from streamq.export.compressed_tensors import bf16_ignore, mtp_ignore, plan_quantization_config
 from streamq.export.vllm_contract import vllm_config
+from streamq.groups import module_family
 from streamq.io.atomic import write_atomic
 from streamq.io.safetensors_stream import INDEX_NAME, SCALE_SUFFIX, CheckpointReader, read_header
 from streamq.io.safetensors_write import TensorSpec, write_safetensors_together
-from streamq.recipe import Recipe
+from streamq.recipe import Plan, Recipe
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 SIDE_FILES = (
@@ -34,6 +35,17 @@ SIDE_FILES = (
 )
 
 Producer = Callable[[], torch.Tensor]
+KeepFp8 = Callable[[str], bool]  # module name -> whether its FP8 weight is written as shipped
+
+
+def _never(_module: str) -> bool:
+    return False
+
+
+def kept_fp8(plan: Plan) -> KeepFp8:
+    """Whether a module's FP8 weight is kept as shipped: its family is kept in FP8 by ``plan``."""
+    families = set(plan.kept("fp8"))
+    return lambda module: module_family(module) in families
 
 
 def stored_dtype(reader: CheckpointReader, name: str) -> torch.dtype:
@@ -51,14 +63,14 @@ def plan_tensors(
     names: Iterable[str],
     quantized: Mapping[str, Mapping[str, tuple[torch.dtype, tuple[int, ...]]]],
     packed: Mapping[str, Mapping[str, torch.Tensor]],
-    keep_fp8: bool,
+    keep_fp8: KeepFp8 = _never,
     dtype: torch.dtype = torch.bfloat16,
     overrides: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, tuple[TensorSpec, Producer]]:
     """What to write for the source tensors ``names``: for the ``quantized`` modules (their packed layout) the
     tensors in ``packed`` (with several processes, only this rank's modules are there), FP8 weights kept as
-    shipped (``keep_fp8``) or dequantized to ``dtype``, everything else as stored, except the ``overrides``
-    (tensors AWQ changed by folding its scales, written as given)."""
+    shipped (the modules ``keep_fp8`` names) or dequantized to ``dtype``, everything else as stored, except the
+    ``overrides`` (tensors AWQ changed by folding its scales, written as given)."""
     overrides = overrides or {}
     plan: dict[str, tuple[TensorSpec, Producer]] = {}
     for name in names:
@@ -73,7 +85,7 @@ def plan_tensors(
             for suffix, (tensor_dtype, shape) in quantized[module].items():
                 full = f"{module}.{suffix}"
                 plan[full] = (TensorSpec(full, tensor_dtype, shape), lambda m=module, x=suffix: packed[m][x])
-        elif info.dtype in FP8_DTYPES and keep_fp8:
+        elif info.dtype in FP8_DTYPES and keep_fp8(module):
             scale_info = reader.infos[name + SCALE_SUFFIX]
             plan[name] = (TensorSpec(name, info.dtype, info.shape), lambda n=name: reader.raw(n))
             scale_name = f"{module}.weight_scale"
@@ -121,26 +133,22 @@ def write_index(out_dir: Path, shard_files: Iterable[str]) -> None:
     write_atomic(out_dir / INDEX_NAME, json.dumps(index, indent=2) + "\n")
 
 
-def ignore_list(cfg: ModelConfig, recipe: Recipe, keep_fp8: bool) -> list[str]:
+def ignore_list(cfg: ModelConfig, plan: Plan) -> list[str]:
     """Modules a loader must not look for quantized tensors in: lm_head, the router, the MTP layers, and the
-    decoder Linears outside the scope, unless they are kept in FP8 (the FP8 group then covers them)."""
+    decoder families the plan writes in bf16 (families kept in FP8 are covered by the FP8 group)."""
     ignore = ["lm_head", r"re:.*mlp\.gate$", *mtp_ignore(cfg.num_hidden_layers, cfg.num_nextn_predict_layers)]
-    if recipe.scope == "experts" and not keep_fp8:
-        ignore += [r"re:.*self_attn\..*", r"re:.*mlp\.(shared_experts\.)?(gate|up|down)_proj$"]
-    return ignore
+    return ignore + bf16_ignore(plan.kept("bf16"))
 
 
 def write_config(out_dir: Path, reader: CheckpointReader, recipe: Recipe) -> None:
     """The source config with every attribute vLLM reads set to what streamq computed with (the vLLM contract:
     ``streamq/export/vllm_contract.py``) and its FP8 quantization_config replaced by the compressed-tensors one."""
     cfg = vllm_config(reader.config, reader.infos)
-    keep_fp8 = recipe.unquantized == "fp8" and reader.config.fp8_block is not None
-    cfg["quantization_config"] = quantization_config(
-        recipe.scheme,
+    plan = recipe.plan(reader.config.fp8_block is not None)
+    cfg["quantization_config"] = plan_quantization_config(
+        plan,
         recipe.solver,
-        ignore=ignore_list(reader.config, recipe, keep_fp8),
-        fp8_targets=fp8_passthrough_targets(recipe.scope) if keep_fp8 else None,
-        scope=recipe.scope,
+        ignore=ignore_list(reader.config, plan),
         fp8_block=reader.config.fp8_block or (128, 128),
     )
     cfg["torch_dtype"] = "bfloat16"
