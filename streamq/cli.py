@@ -116,8 +116,9 @@ def run(
         list[str] | None,
         typer.Option(
             help="FAMILY=SPEC, repeatable: one family's scheme, over what --scope/--unquantized/--format give it. "
-            "FAMILY: experts, shared, dense, attention; SPEC: nvfp4, mxfp4, w4a16 (g128), w8a16 (per channel), "
-            "wNa16-gG[-asym], fp8 (the release's FP8 blocks kept) or bf16.",
+            "FAMILY: experts, shared, dense, attention; SPEC: nvfp4, mxfp4, wNa16 (N-bit, groups of 128 as "
+            "compressed-tensors' presets), wNa16-gG[-asym] (-g0: per channel), fp8 (the release's FP8 blocks "
+            "kept) or bf16.",
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",

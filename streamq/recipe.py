@@ -28,14 +28,14 @@ UnquantizedDtype = Literal["bf16", "fp8"]
 GroupScheme = QuantScheme | UnquantizedDtype
 
 RECIPE_NAME = "streamq_recipe.json"
-SCHEME_SPECS = "nvfp4, mxfp4, wNa16 (N = 2, 3, 4, 8; optional -gG and -asym, e.g. w4a16-g64), fp8 or bf16"
+SCHEME_SPECS = "nvfp4, mxfp4, wNa16 (N = 2, 3, 4, 8; groups of 128, or -gG, -g0 per channel, -asym), fp8 or bf16"
 _INT_SPEC = re.compile(r"^w(\d+)a16(?:-g(\d+))?(-asym)?$")
 
 
 def parse_scheme(spec: str) -> GroupScheme:
-    """A ``--scheme`` value: ``nvfp4``, ``mxfp4``, ``w4a16`` (compressed-tensors' W4A16: 4-bit symmetric groups of
-    128), ``w8a16`` (W8A16: 8-bit symmetric, one scale per channel), ``wNa16-gG[-asym]``, ``fp8`` (the source's
-    FP8 blocks kept as shipped) or ``bf16`` (dequantized, not quantized)."""
+    """A ``--scheme`` value: ``nvfp4``, ``mxfp4``, ``wNa16`` (compressed-tensors 0.20's WNA16 presets: N-bit
+    symmetric integers in groups of 128, N = 2, 3, 4, 8), ``wNa16-gG`` (G = 0: one scale per channel),
+    ``wNa16[-gG]-asym``, ``fp8`` (the source's FP8 blocks kept as shipped) or ``bf16`` (dequantized)."""
     spec = spec.strip().lower()
     if spec in ("bf16", "fp8"):
         return spec  # type: ignore[return-value]
@@ -45,7 +45,7 @@ def parse_scheme(spec: str) -> GroupScheme:
     if match is None:
         raise StreamqError(f"--scheme: {spec!r} is not a scheme; use {SCHEME_SPECS}")
     bits = int(match[1])
-    group = int(match[2]) if match[2] is not None else (0 if bits == 8 else 128)
+    group = int(match[2]) if match[2] is not None else 128
     try:
         return QuantScheme(bits=bits, group_size=group, symmetric=match[3] is None)
     except ValueError as exc:
@@ -58,8 +58,7 @@ def scheme_spec(scheme: GroupScheme) -> str:
         return scheme
     if scheme.format != "int":
         return scheme.format
-    default_group = 0 if scheme.bits == 8 else 128
-    group = "" if scheme.group_size == default_group else f"-g{scheme.group_size}"
+    group = "" if scheme.group_size == 128 else f"-g{scheme.group_size}"
     return f"w{scheme.bits}a16{group}{'' if scheme.symmetric else '-asym'}"
 
 
@@ -218,7 +217,7 @@ def _normalized_schemes(schemes: Iterable[tuple[str, str]]) -> tuple[tuple[str, 
         if name == Family.EXPERTS.value and not isinstance(scheme, QuantScheme):
             raise StreamqError(
                 f"--scheme experts={spec}: the routed experts are what streamq quantizes; give them a quantized "
-                f"scheme ({SCHEME_SPECS.rsplit(',', 1)[0]})"
+                "scheme (nvfp4, mxfp4 or wNa16)"
             )
         given[Family(name)] = scheme_spec(scheme)
     return tuple((f.value, given[f]) for f in FAMILIES if f in given)
