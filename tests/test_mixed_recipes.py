@@ -396,3 +396,45 @@ def test_transformers_loads_the_mixed_output(mixed_run: tuple) -> None:
             fused = state[f"{prefix}.mlp.experts.{'down_proj' if kind == 'down_proj' else 'gate_up_proj'}"][expert]
             loaded = fused if kind == "down_proj" else fused.chunk(2, 0)[kind == "up_proj"]
         assert torch.equal(loaded.float(), weight.float()), module
+
+
+# -- checked before OUT is touched ----------------------------------------------------------------------------------
+
+
+def test_a_family_scheme_that_does_not_fit_is_refused_before_out_exists(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    args = [str(tiny_checkpoint), str(tmp_path / "out"), *RUN_ARGS, "--scheme", "attention=w4a16-g256"]
+    monkeypatch.setattr(sys, "argv", ["streamq", "run", *args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert (
+        "tensor model.layers.0.self_attn.q_b_proj.weight has in_features 384, not a multiple of the group size " in err
+    )
+    assert (
+        "256 of --scheme attention=w4a16-g256; give those families a group size that fits them all (-gG with G "
+        "one of 0 (per channel), 32, 64, 128), or another scheme" in err
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_fp8_is_kept_only_where_the_source_has_fp8_blocks(tiny_checkpoint: Path) -> None:
+    from dataclasses import replace
+
+    from streamq.preflight import check_scheme
+
+    reader = CheckpointReader(tiny_checkpoint)
+    check_scheme(reader, Recipe(schemes=schemes("attention=fp8")))
+    name = "model.layers.1.self_attn.o_proj.weight"
+    reader.infos[name] = replace(reader.infos[name], dtype=torch.bfloat16)
+    with pytest.raises(StreamqError, match=rf"tensor {name} is torch.bfloat16, not FP8 blocks, but its family "):
+        check_scheme(reader, Recipe(schemes=schemes("attention=fp8")))
+    check_scheme(reader, Recipe(schemes=schemes("attention=bf16")))
+
+    reader.config = replace(reader.config, fp8_block=None)  # a bf16 release
+    with pytest.raises(StreamqError, match=r"--scheme attention=fp8 keeps MODEL's FP8 blocks, but MODEL has none"):
+        check_scheme(reader, Recipe(schemes=schemes("attention=fp8")))
+    # --unquantized fp8 asks for FP8 only where there is some: a bf16 source gives bf16, as it always did.
+    assert Recipe(unquantized="fp8").plan(fp8_source=False).kept("fp8") == []
