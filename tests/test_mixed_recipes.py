@@ -329,7 +329,7 @@ def test_compressed_tensors_decompresses_exactly_what_streamq_solved_per_group(m
     plan = recipe.plan()
     theirs = decompress(out)
     formats = {"int": "pack-quantized", "nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
-    original = CheckpointReader(source)
+    original, ours = CheckpointReader(source), CheckpointReader(out)
     seen: set[Family] = set()
     for module, (weight, fmt) in theirs.items():
         family = module_family(module)
@@ -341,7 +341,15 @@ def test_compressed_tensors_decompresses_exactly_what_streamq_solved_per_group(m
             assert torch.equal(weight.float(), original.weight(module + ".weight", "cpu", torch.float32)), module
             continue
         assert isinstance(scheme, QuantScheme) and fmt == formats[scheme.format], module
-        assert torch.equal(weight, solved.pop(module).to(weight.dtype)), module
+        assert torch.equal(weight, solved[module].to(weight.dtype)), module
+        # streamq reads its own integer groups back (each with its bits; computed in the bf16 scales' dtype)
+        if scheme.format == "int":
+            mine = ours.weight(module + ".weight", "cpu", torch.float32)
+            assert torch.equal(mine, solved[module].bfloat16().float()), module
+        else:
+            with pytest.raises(StreamqError, match="not integer pack-quantized"):
+                ours.weight(module + ".weight", "cpu", torch.float32)
+        del solved[module]
     assert not solved  # every solved Linear was written, and decompressed
     assert seen == {f for f, s in plan.schemes if s != "bf16"}
     bf16 = [n for n in CheckpointReader(out).infos if module_family(n.removesuffix(".weight")) in plan.kept("bf16")]
@@ -438,3 +446,14 @@ def test_fp8_is_kept_only_where_the_source_has_fp8_blocks(tiny_checkpoint: Path)
         check_scheme(reader, Recipe(schemes=schemes("attention=fp8")))
     # --unquantized fp8 asks for FP8 only where there is some: a bf16 source gives bf16, as it always did.
     assert Recipe(unquantized="fp8").plan(fp8_source=False).kept("fp8") == []
+
+
+def test_scheme_options_replace_the_saved_recipes_families_one_by_one() -> None:
+    from streamq.cli import build_recipe
+
+    saved = Recipe(schemes=schemes(*BRIEF))
+    new = build_recipe(
+        saved, data={}, scheme={}, solver={}, top={}, schemes=[("attention", "bf16"), ("shared", "W8A16-g0")]
+    )
+    assert dict(new.schemes) == {"experts": "nvfp4", "shared": "w8a16-g0", "dense": "w4a16", "attention": "bf16"}
+    assert build_recipe(saved, data={}, scheme={}, solver={}, top={}) == saved
