@@ -220,9 +220,10 @@ class CheckpointReader:
     def _unpack(self, name: str, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
         if self.packed_bits is None:
             raise StreamqError(f"{self.dir / 'config.json'}: packed weights but no integer quantization_config group")
-        packed, shape, zero = self.infos[name + "_packed"], self.raw(name + "_shape"), name + "_zero_point"
-        bits = packed_bits(packed.shape[-1], int(shape[-1]), self.packed_bits) if packed.dtype == torch.int32 else None
-        if bits is None:
+        packed, zero = self.infos[name + "_packed"], name + "_zero_point"
+        shape = self.raw(name + "_shape") if packed.dtype == torch.int32 else None  # FP4 Linears have none
+        bits = None if shape is None else packed_bits(packed.shape[-1], int(shape[-1]), self.packed_bits)
+        if shape is None or bits is None:
             raise StreamqError(
                 f"{packed.file}: {packed.name} is not integer pack-quantized (an FP4 Linear?); streamq reads integer "
                 "outputs only: score FP4 through a dense copy (bench/formats.py)"
