@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from streamq.distributed import Dist
-from streamq.export.checkpoint import Producer, keeps_fp8, plan_tensors, stored_dtype, write_shard
+from streamq.export.checkpoint import Producer, kept_fp8, plan_tensors, stored_dtype, write_shard
 from streamq.export.compressed_tensors import packed_layout
 from streamq.groups import linear_groups
 from streamq.io.safetensors_stream import CheckpointReader
@@ -87,25 +87,26 @@ def _shard_plan(
     reader: CheckpointReader, layer: int, recipe: Recipe, solved: Solved, block: Block, dist: Dist
 ) -> tuple[dict[str, tuple[TensorSpec, Producer]], Callable[[str], int]]:
     prefix = reader.layer_prefix(layer)
-    scheme = recipe.scheme
-    members = [m for g in linear_groups(reader.config, layer, recipe) for m in g.members]
+    plan = recipe.plan(reader.config.fp8_block is not None)
+    schemes = plan.quantized()
     quantized = {
         prefix + m: packed_layout(*reader.info(f"{prefix}{m}.weight").shape, scheme, scheme.scale_torch_dtype)
-        for m in members
+        for g in linear_groups(reader.config, layer, recipe)
+        for scheme in (schemes[g.family],)
+        for m in g.members
     }
     packed = {prefix + module: tensors for module, tensors in solved.packed.items()}
-    keep_fp8 = keeps_fp8(reader.config, recipe)
     params = dict(block.named_parameters())
     overrides = {
         prefix + name: params[name].data.to(stored_dtype(reader, prefix + name)).cpu()
         for name in solved.changed
         if prefix + name.removesuffix(".weight") not in quantized and not params[name].is_meta
     }
-    plan = plan_tensors(reader, reader.names(prefix), quantized, packed, keep_fp8, overrides=overrides)
+    tensors = plan_tensors(reader, reader.names(prefix), quantized, packed, kept_fp8(plan), overrides=overrides)
     n = reader.config.n_routed_experts
 
     def owner(name: str) -> int:
         match = _EXPERT_TENSOR.match(name)
         return dist.owner(int(match[1]), n) if match else 0
 
-    return plan, owner
+    return tensors, owner

@@ -171,8 +171,7 @@ def _start(ctx: _Run, tokens: torch.Tensor | None) -> None:
         names = [n for n in reader.names() if not n.startswith("model.layers.")]
         check_source_tensors(reader, names, ctx.device, ctx.options.allow_nonfinite, ctx.reporter.warning)
         digest = hashlib.sha256()
-        plan = plan_tensors(reader, names, {}, {}, keep_fp8=False)
-        write_shard(output.path / file, plan, _CRASH_WRITE, digest=digest)
+        write_shard(output.path / file, plan_tensors(reader, names, {}, {}), _CRASH_WRITE, digest=digest)
     embedding = load_embedding(reader, ctx.device, ctx.dtype)
     writer = ActivationWriter(output.activation_path(0, dist), local_spec(spec, dist))
     per_batch = batch_samples(spec, ctx.options.token_budget, dist)
@@ -238,6 +237,7 @@ def _solve_block(
         solve_options,
         ctx.memory.solve_batch,
         partial(ctx.reporter.fallback, layer),
+        recipe.plan(ctx.reader.config.fp8_block is not None).quantized(),
     )
     mine = [g for g in groups if g.expert is not None or dist.main]
     awq = partial(_block_awq, ctx.reader, recipe, dist, block, layer, mine)
@@ -280,7 +280,9 @@ def _block_awq(
         return stored_dtype(reader, prefix + name)
 
     sites = fold_sites(reader.config, layer, linear_groups(reader.config, layer, recipe))
-    return BlockAWQ(block, sites, mine, recipe.solver, dist, stored)
+    # One grid for every quantized family (Recipe refuses AWQ with mixed schemes).
+    (scheme,) = recipe.plan().by_scheme()
+    return BlockAWQ(block, sites, mine, recipe.solver_for(scheme), dist, stored)
 
 
 def _finish_block(ctx: _Run, layer: int, report: BlockReport, writing: ShardWrite) -> None:
@@ -330,8 +332,7 @@ def _finish(ctx: _Run) -> None:
             names = reader.names(reader.layer_prefix(layer))
             check_source_tensors(reader, names, ctx.device, ctx.options.allow_nonfinite, ctx.reporter.warning)
             digest = hashlib.sha256()
-            plan = plan_tensors(reader, names, {}, {}, keep_fp8=False)
-            write_shard(output.path / file, plan, _CRASH_WRITE, digest=digest)
+            write_shard(output.path / file, plan_tensors(reader, names, {}, {}), _CRASH_WRITE, digest=digest)
             output.record_shard(key, file, digest.hexdigest())
             output.save()
         write_index(output.path, [r.file for r in manifest.shards.values()])
