@@ -285,7 +285,7 @@ def mixed_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     source = write_synthetic_checkpoint(root / "model", SynthOptions(preset="tiny", num_layers=2, dense_layers=1))
     options = [o for value in MIXES[request.param] for o in ("--scheme", value)]
     solved: dict[str, torch.Tensor] = {}
-    write = pipeline.write_block_shard
+    write = pipeline.start_block_shard
 
     def capture(path, reader, layer, recipe, done, block, *args):  # type: ignore[no-untyped-def]
         modules = dict(block.named_modules())
@@ -295,7 +295,7 @@ def mixed_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
         return write(path, reader, layer, recipe, done, block, *args)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline, "write_block_shard", capture)
+        patch.setattr(pipeline, "start_block_shard", capture)
         patch.setattr(sys, "argv", ["streamq", "run", str(source), str(root / "out"), *RUN_ARGS, *options])
         with pytest.raises(SystemExit) as exit_:
             main()
