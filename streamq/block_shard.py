@@ -37,7 +37,7 @@ def write_block_shard(
     scheme = recipe.scheme
     members = [m for g in linear_groups(reader.config, layer, recipe) for m in g.members]
     quantized = {
-        prefix + m: packed_layout(*reader.info(f"{prefix}{m}.weight").shape, scheme, scheme.scale_torch_dtype)
+        prefix + m: packed_layout(*reader.shape(f"{prefix}{m}.weight"), scheme, scheme.scale_torch_dtype)
         for m in members
     }
     packed = {prefix + module: tensors for module, tensors in solved.packed.items()}

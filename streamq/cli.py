@@ -52,12 +52,19 @@ def synth(
         Path | None, typer.Option(help="Directory with tokenizer.json + tokenizer_config.json to copy.")
     ] = None,
     device: Annotated[str, typer.Option(help="Where to generate values (cuda is faster at full width).")] = "cpu",
+    source_format: Annotated[
+        str,
+        typer.Option(help="Linears as fp8 (DeepSeek's 128x128 blocks), bf16, or int4 (experts as Kimi-K2-Thinking)."),
+    ] = "fp8",
 ) -> None:
     """Write a synthetic checkpoint in DeepSeek-V3's release layout (FP8 blocks, shards, index)."""
     from streamq.synth import PRESETS, SynthOptions, write_synthetic_checkpoint
+    from streamq.synth_formats import SOURCE_FORMATS
 
     if preset not in PRESETS:
         raise StreamqError(f"--preset {preset}: unknown; choose one of {', '.join(PRESETS)}")
+    if source_format not in SOURCE_FORMATS:
+        raise StreamqError(f"--source-format {source_format}: unknown; choose one of {', '.join(SOURCE_FORMATS)}")
     if tokenizer is not None and not (tokenizer / "tokenizer.json").is_file():
         raise StreamqError(f"{tokenizer}: no tokenizer.json there; pass the directory that holds it")
     opts = SynthOptions(
@@ -70,6 +77,7 @@ def synth(
         seed=seed,
         tokenizer_dir=tokenizer,
         device=device,
+        source_format=source_format,
     )
     write_synthetic_checkpoint(out, opts, progress=lambda msg: typer.echo(msg, err=True))
     typer.echo(f"wrote {out}")

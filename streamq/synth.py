@@ -15,7 +15,7 @@ import json
 import shutil
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,15 @@ from streamq.errors import StreamqError
 from streamq.io.safetensors_stream import INDEX_NAME, SCALE_SUFFIX
 from streamq.io.safetensors_write import TensorSpec, write_safetensors
 from streamq.kernels.fp8_blocks import quantize_fp8_blocks
+from streamq.synth_formats import (
+    FP8_BLOCK,
+    INT4_GROUP,
+    check_source_format,
+    linear_kind,
+    pack_int4_rows,
+    quantization_config,
+)
 
-FP8_BLOCK = (128, 128)
 CONFIG_STYLES = ("release", "transformers5")
 _SLAB_ROWS = 1024  # a multiple of the FP8 block, small enough that a slab of any DeepSeek tensor is < 60 MB
 
@@ -123,6 +130,7 @@ class SynthOptions:
     device: str = "cpu"  # where values are generated; "cuda" is much faster at full width
     overrides: dict[str, object] = field(default_factory=dict)  # any config.json field, e.g. for tests
     config_style: str = "release"  # or "transformers5": the same model, its config.json as transformers 5 saves it
+    source_format: str = "fp8"  # how Linears are stored: fp8 blocks, bf16, or int4 experts (see synth_formats.py)
 
 
 def synth_config(opts: SynthOptions) -> dict[str, object]:
@@ -144,12 +152,10 @@ def synth_config(opts: SynthOptions) -> dict[str, object]:
     cfg.update(opts.overrides)
     if opts.tokenizer_dir is not None:
         cfg["vocab_size"] = max(int(cfg["vocab_size"]), tokenizer_vocab_size(opts.tokenizer_dir))
-    cfg["quantization_config"] = {
-        "activation_scheme": "dynamic",
-        "fmt": "e4m3",
-        "quant_method": "fp8",
-        "weight_block_size": list(FP8_BLOCK),
-    }
+    check_source_format(opts.source_format)
+    qcfg = quantization_config(opts.source_format, mtp=int(cfg["num_nextn_predict_layers"]) > 0)
+    if qcfg is not None:
+        cfg["quantization_config"] = qcfg
     return cfg
 
 
@@ -192,9 +198,16 @@ def tokenizer_vocab_size(tokenizer_dir: Path) -> int:
 class _Tensor:
     name: str
     shape: tuple[int, ...]
-    kind: str  # "linear" (FP8 + scale), "dense" (bf16 weight), "norm", "bias", "embed"
+    kind: str  # "linear" (FP8 + scale), "packed" (INT4 + scale + shape), "dense" (bf16 weight), "norm", "bias", "embed"
 
     def specs(self) -> list[TensorSpec]:
+        if self.kind == "packed":
+            module, (rows, cols) = self.name.removesuffix(".weight"), self.shape
+            return [
+                TensorSpec(module + ".weight_packed", torch.int32, (rows, cols * 4 // 32)),
+                TensorSpec(module + ".weight_scale", torch.bfloat16, (rows, cols // INT4_GROUP)),
+                TensorSpec(module + ".weight_shape", torch.int64, (2,)),
+            ]
         if self.kind == "linear":
             rb, cb = (-(-d // b) for d, b in zip(self.shape, FP8_BLOCK, strict=True))
             return [
@@ -225,7 +238,15 @@ def checkpoint_tensors(cfg: dict) -> list[_Tensor]:
                 _Tensor(p + "shared_head.head.weight", (v, h), "dense"),
             ]
     tensors += [_Tensor("model.norm.weight", (h,), "norm"), _Tensor("lm_head.weight", (v, h), "dense")]
-    return tensors
+    qcfg = cfg.get("quantization_config")
+    # Linears as the source format stores them (FP8 blocks, bf16, or packed where the config quantizes them).
+    return [_stored_as(t, qcfg) for t in tensors]
+
+
+def _stored_as(tensor: _Tensor, qcfg: dict[str, Any] | None) -> _Tensor:
+    if tensor.kind != "linear":
+        return tensor
+    return replace(tensor, kind=linear_kind(qcfg, tensor.name.removesuffix(".weight")))
 
 
 def _block_tensors(cfg: dict, layer: int, p: str) -> list[_Tensor]:
@@ -288,18 +309,22 @@ class _Values:
         self._pending_scales: dict[str, list[torch.Tensor]] = {}
 
     def produce(self, tensor: _Tensor, spec: TensorSpec) -> Iterator[torch.Tensor]:
-        if spec.name.endswith(SCALE_SUFFIX) and tensor.kind == "linear":
+        if spec.name != tensor.name and spec.name.endswith(("_scale_inv", "_scale")):
             yield torch.cat(self._pending_scales.pop(tensor.name))
             return
+        if spec.name.endswith(".weight_shape"):
+            yield torch.tensor(tensor.shape, dtype=torch.int64)
+            return
+        quantize = {"linear": lambda x: quantize_fp8_blocks(x, FP8_BLOCK), "packed": pack_int4_rows}.get(tensor.kind)
         scales: list[torch.Tensor] = []
         for slab in self.slabs(tensor):
-            if tensor.kind == "linear":
-                q, scale = quantize_fp8_blocks(slab, FP8_BLOCK)
-                scales.append(scale.cpu())
-                yield q.cpu()
-            else:
+            if quantize is None:
                 yield slab.to(spec.dtype).cpu()
-        if tensor.kind == "linear":
+                continue
+            q, scale = quantize(slab)
+            scales.append(scale.cpu())
+            yield q.cpu()
+        if quantize is not None:
             self._pending_scales[tensor.name] = scales
 
 

@@ -37,7 +37,9 @@ Producer = Callable[[], torch.Tensor]
 
 
 def stored_dtype(reader: CheckpointReader, name: str) -> torch.dtype:
-    """The dtype a tensor is written in when not quantized: as stored, FP8 dequantized to bf16."""
+    """The dtype a tensor is written in when not quantized: as stored, FP8 and packed Linears dequantized to bf16."""
+    if name in reader.packed:
+        return torch.bfloat16
     dtype = reader.info(name).dtype
     return torch.bfloat16 if dtype in FP8_DTYPES else dtype
 
@@ -64,8 +66,13 @@ def plan_tensors(
     for name in names:
         if name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) in reader:
             continue
+        packed_module = name.rsplit(".", 1)[0]
+        if packed_module + ".weight" in reader.packed:
+            if not name.endswith(".weight_packed"):
+                continue  # a packed Linear's other tensors travel with its weight_packed
+            name = packed_module + ".weight"  # the Linear as the model sees it
         module = name.removesuffix(".weight")
-        info = reader.infos[name]
+        info = reader.infos.get(name)
         if name in overrides:
             tensor = overrides[name]
             plan[name] = (TensorSpec(name, tensor.dtype, tuple(tensor.shape)), lambda t=tensor: t)
@@ -73,6 +80,8 @@ def plan_tensors(
             for suffix, (tensor_dtype, shape) in quantized[module].items():
                 full = f"{module}.{suffix}"
                 plan[full] = (TensorSpec(full, tensor_dtype, shape), lambda m=module, x=suffix: packed[m][x])
+        elif info is None:  # a packed source Linear left unquantized: dequantized, like FP8
+            plan[name] = (TensorSpec(name, dtype, reader.shape(name)), lambda n=name: reader.weight(n, "cpu", dtype))
         elif info.dtype in FP8_DTYPES and keep_fp8:
             scale_info = reader.infos[name + SCALE_SUFFIX]
             plan[name] = (TensorSpec(name, info.dtype, info.shape), lambda n=name: reader.raw(n))
