@@ -49,7 +49,8 @@ def synth(
     shards: Annotated[int, typer.Option(min=1, help="Number of safetensors shards.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     tokenizer: Annotated[
-        Path | None, typer.Option(help="Directory with tokenizer.json + tokenizer_config.json to copy.")
+        Path | None,
+        typer.Option(help="Directory with tokenizer.json (or tiktoken.model + its code) + tokenizer_config.json."),
     ] = None,
     device: Annotated[str, typer.Option(help="Where to generate values (cuda is faster at full width).")] = "cpu",
     source_format: Annotated[
@@ -65,8 +66,8 @@ def synth(
         raise StreamqError(f"--preset {preset}: unknown; choose one of {', '.join(PRESETS)}")
     if source_format not in SOURCE_FORMATS:
         raise StreamqError(f"--source-format {source_format}: unknown; choose one of {', '.join(SOURCE_FORMATS)}")
-    if tokenizer is not None and not (tokenizer / "tokenizer.json").is_file():
-        raise StreamqError(f"{tokenizer}: no tokenizer.json there; pass the directory that holds it")
+    if tokenizer is not None and not any((tokenizer / n).is_file() for n in ("tokenizer.json", "tiktoken.model")):
+        raise StreamqError(f"{tokenizer}: no tokenizer.json or tiktoken.model there; pass the directory that holds it")
     opts = SynthOptions(
         preset=preset,
         num_layers=layers,

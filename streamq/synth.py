@@ -33,6 +33,7 @@ from streamq.synth_formats import (
     pack_int4_rows,
     quantization_config,
 )
+from streamq.tiktoken_tokenizer import load_tiktoken_tokenizer
 
 CONFIG_STYLES = ("release", "transformers5")
 _SLAB_ROWS = 1024  # a multiple of the FP8 block, small enough that a slab of any DeepSeek tensor is < 60 MB
@@ -185,10 +186,21 @@ def fit_routing(cfg: dict[str, object], experts: int) -> dict[str, int]:
 
 
 def tokenizer_vocab_size(tokenizer_dir: Path) -> int:
-    """Ids used by tokenizer.json (base vocabulary and added tokens), rounded up to a multiple of 128."""
+    """Ids used by tokenizer.json (base vocabulary and added tokens), or by a tiktoken BPE and its special
+    tokens, rounded up to a multiple of 128."""
+    if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        tokenizer = load_tiktoken_tokenizer(Path(tokenizer_dir))
+        return -(-(tokenizer.encoding.max_token_value + 1) // 128) * 128
     tok = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text())
     ids = list(tok["model"]["vocab"].values()) + [t["id"] for t in tok.get("added_tokens", [])]
     return -(-(max(ids) + 1) // 128) * 128
+
+
+def tokenizer_files(tokenizer_dir: Path) -> list[Path]:
+    """The files of a tokenizer directory a checkpoint carries (tokenizer.json, or a tiktoken BPE and its code)."""
+    names = ("tokenizer.json", "tokenizer_config.json", "tiktoken.model", "chat_template.jinja")
+    found = [Path(tokenizer_dir) / n for n in names if (Path(tokenizer_dir) / n).is_file()]
+    return found + sorted(Path(tokenizer_dir).glob("tokenization_*.py"))
 
 
 # -- what the checkpoint holds -------------------------------------------------------------------------------
@@ -401,8 +413,8 @@ def write_release_checkpoint(
     generation = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "do_sample": True}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if tokenizer_dir is not None:
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
+        for path in tokenizer_files(Path(tokenizer_dir)):
+            shutil.copyfile(path, out_dir / path.name)
     return out_dir
 
 

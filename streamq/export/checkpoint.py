@@ -29,6 +29,7 @@ SIDE_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "tokenizer.model",
+    "tiktoken.model",
     "special_tokens_map.json",
     "chat_template.jinja",
 )
@@ -157,6 +158,8 @@ def write_config(out_dir: Path, reader: CheckpointReader, recipe: Recipe) -> Non
 
 
 def copy_side_files(model_dir: Path, out_dir: Path) -> None:
-    for name in SIDE_FILES:
+    # A tiktoken tokenizer's Python file (tokenization_kimi.py) is part of the tokenizer for transformers users.
+    code = sorted(p.name for p in Path(model_dir).glob("tokenization_*.py"))
+    for name in (*SIDE_FILES, *code):
         if (Path(model_dir) / name).is_file():
             shutil.copyfile(Path(model_dir) / name, out_dir / name)
