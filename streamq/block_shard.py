@@ -48,7 +48,10 @@ def write_block_shard(
         for name in solved.changed
         if prefix + name.removesuffix(".weight") not in quantized and not params[name].is_meta
     }
-    plan = plan_tensors(reader, reader.names(prefix), quantized, packed, keep_fp8, overrides=overrides)
+    keep_experts = recipe.source_experts == "keep"
+    plan = plan_tensors(
+        reader, reader.names(prefix), quantized, packed, keep_fp8, overrides=overrides, keep_experts=keep_experts
+    )
     n = reader.config.n_routed_experts
 
     def owner(name: str) -> int:

@@ -121,6 +121,10 @@ def run(
     unquantized: Annotated[
         str | None, typer.Option(help="Unquantized Linears as bf16 or fp8 (FP8 blocks kept).")
     ] = None,
+    source_experts: Annotated[
+        str | None,
+        typer.Option(help="Experts a source ships packed (INT4): requantize them, or keep them as shipped."),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     dtype: Annotated[str, typer.Option(help="Compute dtype: bfloat16 or float32.")] = "bfloat16",
     token_budget: Annotated[int, typer.Option(min=1, help="Tokens per forward micro-batch.")] = 32768,
@@ -169,7 +173,10 @@ def _recipe_from_options(p: dict[str, Any]) -> Recipe:
             observer={"absmax": "minmax"}.get(observer, observer) if observer else None,
             damp=p["damp"],
         ),
-        top={k: p[k] for k in ("method", "scope", "calibration", "min_tokens", "tie_gate_up", "unquantized")},
+        top={
+            k: p[k]
+            for k in ("method", "scope", "calibration", "min_tokens", "tie_gate_up", "unquantized", "source_experts")
+        },
     )
 
 

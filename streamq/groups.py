@@ -60,7 +60,7 @@ def linear_groups(cfg: ModelConfig, layer: int, recipe: Recipe) -> list[LinearGr
         mlp = "mlp.shared_experts" if cfg.is_moe_layer(layer) else "mlp"
         if not cfg.is_moe_layer(layer) or cfg.n_shared_experts:
             groups += _mlp_groups(mlp, tie)
-    if cfg.is_moe_layer(layer):
+    if cfg.is_moe_layer(layer) and recipe.source_experts != "keep":  # kept: copied as the source packs them
         for e in range(cfg.n_routed_experts):
             groups += _mlp_groups(f"mlp.experts.{e}", tie, expert=e)
     return groups

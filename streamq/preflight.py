@@ -240,6 +240,31 @@ def check_source_format(reader: CheckpointReader, recipe: Recipe) -> None:
             f"{reader.dir / 'config.json'}: --unquantized fp8 keeps the FP8 blocks a checkpoint ships, but this one "
             f"has none (its Linears are {stored}); use --unquantized bf16"
         )
+    if recipe.source_experts == "keep":
+        _check_kept_experts(reader)
+
+
+def _check_kept_experts(reader: CheckpointReader) -> None:
+    """--source-experts keep: every routed expert is packed, all in one config group (written as one group)."""
+    cfg, groups = reader.config, {}
+    for layer in range(cfg.num_hidden_layers):
+        if not cfg.is_moe_layer(layer):
+            continue
+        for e in range(cfg.n_routed_experts):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                name = f"{reader.layer_prefix(layer)}mlp.experts.{e}.{proj}.weight"
+                if name not in reader.packed or reader.compressed is None:
+                    stored = str(reader.info(name).dtype).removeprefix("torch.")
+                    raise StreamqError(
+                        f"{reader.info(name).file}: --source-experts keep copies experts a source ships packed "
+                        f"(compressed-tensors), but {name} is {stored}; use --source-experts requantize"
+                    )
+                groups.setdefault(reader.compressed.scheme_of(name.removesuffix(".weight")).group, name)
+    if len(groups) > 1:
+        raise StreamqError(
+            f"{reader.dir / 'config.json'}: --source-experts keep needs the routed experts in one config group, "
+            f"but they are in {', '.join(sorted(groups))}; use --source-experts requantize"
+        )
 
 
 def _check_packed(reader: CheckpointReader, name: str, shape: tuple[int, ...]) -> None:

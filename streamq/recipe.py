@@ -21,6 +21,7 @@ Method = Literal["gptq", "rtn", "awq"]
 Scope = Literal["experts", "all"]
 CalibrationMode = Literal["routed", "all", "hybrid"]
 UnquantizedDtype = Literal["bf16", "fp8"]
+SourceExperts = Literal["requantize", "keep"]
 
 RECIPE_NAME = "streamq_recipe.json"
 
@@ -32,6 +33,9 @@ class Recipe:
     router sends it; "all" feeds every token to every expert's Hessian; "hybrid" does that only for experts that
     were routed fewer than ``min_tokens`` tokens. The block's output always follows the real top-k routing.
     ``unquantized``: how Linears that are not quantized are written (bf16, or DeepSeek's FP8 blocks as shipped).
+    ``source_experts``: routed experts a source ships packed (Kimi-K2-Thinking's INT4) are dequantized and
+    quantized again ("requantize"), or copied as shipped ("keep"; then only ``scope`` "all"'s other Linears are
+    quantized).
     """
 
     method: Method = "gptq"
@@ -41,6 +45,7 @@ class Recipe:
     min_tokens: int = 256
     tie_gate_up: bool = True
     unquantized: UnquantizedDtype = "bf16"
+    source_experts: SourceExperts = "requantize"
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
@@ -48,6 +53,8 @@ class Recipe:
         _one_of("scope", self.scope, ("experts", "all"))
         _one_of("calibration", self.calibration, ("routed", "all", "hybrid"))
         _one_of("unquantized", self.unquantized, ("bf16", "fp8"))
+        _one_of("source_experts", self.source_experts, ("requantize", "keep"))
+        self._check_kept_experts()
         _one_of("actorder", self.solver.actorder, ("none", "weight"))
         _one_of("observer", self.solver.observer, ("minmax", "mse"))
         if self.min_tokens < 0:
@@ -59,6 +66,20 @@ class Recipe:
             )
         if not 0 <= self.solver.damp < 1:
             raise StreamqError(f"--damp must be in [0, 1), not {self.solver.damp}")
+
+    def _check_kept_experts(self) -> None:
+        if self.source_experts != "keep":
+            return
+        if self.scope == "experts":
+            raise StreamqError(
+                "--source-experts keep copies the routed experts as shipped, so --scope experts would quantize "
+                "nothing: use --scope all (attention, shared experts and dense MLPs) or --source-experts requantize"
+            )
+        if self.method == "awq":
+            raise StreamqError(
+                "--method awq folds its scales into the norm the routed experts read, which experts kept as shipped "
+                "cannot absorb: use --method gptq or rtn, or --source-experts requantize"
+            )
 
     @property
     def scheme(self) -> QuantScheme:
@@ -99,6 +120,8 @@ def describe(recipe: Recipe) -> str:
     if solver.observer == "mse":
         parts.append("MSE scales")
     parts.append("routed experts" if recipe.scope == "experts" else "all Linears")
+    if recipe.source_experts == "keep":
+        parts[-1] = "all Linears but the routed experts, kept as shipped"
     if recipe.method != "rtn":
         parts += {
             "all": ["every token to every expert"],

@@ -206,3 +206,66 @@ def test_run_quantizes_each_source_format_and_transformers_loads_it(fmt: str, tm
     assert reader.infos[mtp + ".weight"].dtype == torch.bfloat16 and mtp + ".weight_packed" not in reader.infos
     assert torch.equal(reader.raw(mtp + ".weight"), source.weight(mtp + ".weight"))
     shutil.rmtree(out)
+
+
+# -- INT4 experts kept as shipped -------------------------------------------------------------------------------------
+
+
+def test_keeping_source_experts_needs_packed_experts_and_another_scope(tmp_path: Path, monkeypatch, capsys) -> None:
+    model, out = synth(tmp_path, "bf16"), tmp_path / "out"
+    code, err = streamq(monkeypatch, capsys, *run_args(model, out, "--source-experts", "keep", "--scope", "all"))
+    assert code == 2 and not out.exists()
+    line = error_line(err)
+    assert "--source-experts keep copies experts a source ships packed (compressed-tensors), but" in line
+    assert "model.layers.2.mlp.experts.0.gate_proj.weight is bfloat16; use --source-experts requantize" in line
+    int4 = synth(tmp_path, "int4", "int4")
+    code, err = streamq(monkeypatch, capsys, *run_args(int4, out, "--source-experts", "keep"))
+    assert code == 2 and not out.exists()
+    assert "--scope experts would quantize nothing: use --scope all" in error_line(err)
+    code, err = streamq(
+        monkeypatch, capsys, *run_args(int4, out, "--source-experts", "keep", "--scope", "all", "--method", "awq")
+    )
+    assert code == 2 and "experts kept as shipped cannot absorb" in error_line(err)
+
+
+@pytest.mark.slow
+def test_kept_int4_experts_are_copied_byte_for_byte_and_declared_with_their_scheme(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    model, out = synth(tmp_path, "int4"), tmp_path / "out"
+    done = streamq_run(model, out, "--source-experts", "keep", "--scope", "all")
+    assert done.returncode == 0, done.stderr[-2000:]
+    source, reader = CheckpointReader(model), CheckpointReader(out)
+    kept = [n for n in source.infos if ".layers.2.mlp.experts." in n]
+    assert len(kept) == 8 * 3 * 3
+    for name in kept:
+        assert reader.infos[name].dtype == source.infos[name].dtype, name
+        assert torch.equal(reader.raw(name), source.raw(name)), name
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    source_weights = json.loads((model / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert qcfg["config_groups"]["group_0"]["weights"] == source_weights["group_0"]["weights"]
+    assert qcfg["config_groups"]["group_1"]["weights"]["group_size"] == 128
+    assert reader.infos[ATTENTION + ".weight_scale"].shape == (4 * 64, 384 // 128)  # attention quantized: W4 g128
+    hf = AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(dequantize=True))
+    state = hf.state_dict()
+    assert torch.equal(state["model.layers.2.mlp.experts.down_proj"][1], source.weight(EXPERT + ".weight"))
+    theirs = decompressed_all(out)
+    assert torch.equal(state[ATTENTION + ".weight"].float(), theirs[ATTENTION].float())
+    assert torch.equal(reader.weight(ATTENTION + ".weight", dtype=torch.float32), theirs[ATTENTION].float())
+
+
+def decompressed_all(out: Path) -> dict[str, torch.Tensor]:
+    """Every packed Linear of ``out``, each decompressed by compressed-tensors for the config group it matches."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils.match import is_match
+
+    qcfg = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+    reader, linear = CheckpointReader(out), torch.nn.Linear(1, 1, device="meta")
+    weights = {}
+    for module in sorted(n.removesuffix(".weight_packed") for n in reader.infos if n.endswith(".weight_packed")):
+        [group] = [g for g in qcfg.config_groups.values() if is_match(module, linear, g.targets, qcfg.ignore)]
+        parts = {n.removeprefix(module + "."): reader.raw(n) for n in reader.names(module + ".weight_")}
+        weights[module] = BaseCompressor.get_value_from_registry(group.format).decompress(parts, group)["weight"]
+    return weights

@@ -8,9 +8,11 @@ Tensors are written in sorted name order so that the bytes depend only on the co
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,6 +26,7 @@ from streamq.io.safetensors_write import TensorSpec, write_safetensors_together
 from streamq.recipe import Recipe
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+ROUTED_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj$")
 SIDE_FILES = (
     "generation_config.json",
     "tokenizer.json",
@@ -57,17 +60,23 @@ def plan_tensors(
     keep_fp8: bool,
     dtype: torch.dtype = torch.bfloat16,
     overrides: Mapping[str, torch.Tensor] | None = None,
+    keep_experts: bool = False,
 ) -> dict[str, tuple[TensorSpec, Producer]]:
     """What to write for the source tensors ``names``: for the ``quantized`` modules (their packed layout) the
     tensors in ``packed`` (with several processes, only this rank's modules are there), FP8 weights kept as
-    shipped (``keep_fp8``) or dequantized to ``dtype``, everything else as stored, except the ``overrides``
-    (tensors AWQ changed by folding its scales, written as given)."""
+    shipped (``keep_fp8``) or dequantized to ``dtype``, routed experts a source ships packed copied byte for byte
+    (``keep_experts``) or dequantized, everything else as stored, except the ``overrides`` (tensors AWQ changed
+    by folding its scales, written as given)."""
     overrides = overrides or {}
     plan: dict[str, tuple[TensorSpec, Producer]] = {}
     for name in names:
         if name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) in reader:
             continue
         packed_module = name.rsplit(".", 1)[0]
+        if packed_module + ".weight" in reader.packed and keep_experts and ROUTED_EXPERT.search(packed_module):
+            info = reader.infos[name]
+            plan[name] = (TensorSpec(name, info.dtype, info.shape), lambda n=name: reader.raw(n))
+            continue
         if packed_module + ".weight" in reader.packed:
             if not name.endswith(".weight_packed"):
                 continue  # a packed Linear's other tensors travel with its weight_packed
@@ -152,9 +161,20 @@ def write_config(out_dir: Path, reader: CheckpointReader, recipe: Recipe) -> Non
         fp8_targets=fp8_passthrough_targets(recipe.scope) if keep_fp8 else None,
         scope=recipe.scope,
         fp8_block=reader.config.fp8_block or (128, 128),
+        kept_experts=kept_expert_weights(reader) if recipe.source_experts == "keep" else None,
     )
     cfg["torch_dtype"] = "bfloat16"
     write_atomic(out_dir / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def kept_expert_weights(reader: CheckpointReader) -> dict[str, Any]:
+    """The source config group's ``weights`` of the routed experts kept as shipped (the preflight checked that
+    one group holds them all), declared again as the source declares it."""
+    cfg = reader.config
+    layer = next(i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
+    assert reader.compressed is not None
+    scheme = reader.compressed.scheme_of(f"{reader.layer_prefix(layer)}mlp.experts.0.gate_proj")
+    return dict(reader.compressed.raw["config_groups"][scheme.group]["weights"])
 
 
 def copy_side_files(model_dir: Path, out_dir: Path) -> None:

@@ -176,17 +176,24 @@ def quantization_config(
     fp8_targets: list[str] | None = None,
     scope: Scope = "experts",
     fp8_block: tuple[int, int] = (128, 128),
+    kept_experts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``quantization_config`` entry of config.json for a checkpoint written with this module."""
+    """The ``quantization_config`` entry of config.json for a checkpoint written with this module.
+    ``kept_experts``: the weights arguments of routed experts copied as a pack-quantized source ships them; they
+    get the first group (transformers reads the experts' scheme from the first group naming "experts")."""
     if solver_cfg.scheme != scheme:
         raise ValueError(f"solver config was run with {solver_cfg.scheme}, not {scheme}")
     targets = int_targets(scope)
     overlap = sorted(set(targets) & set(fp8_targets or ()))
     if overlap:
         raise StreamqError(f"{overlap} are both quantized and kept in FP8; drop them from fp8_targets")
-    groups = {"group_0": _quantized_group(scheme, solver_cfg, targets)}
+    groups: dict[str, dict[str, Any]] = {}
+    if kept_experts is not None:
+        groups["group_0"] = _kept_group(kept_experts)
+        targets = [t for t in targets if t != ROUTED_EXPERTS]
+    groups[f"group_{len(groups)}"] = _quantized_group(scheme, solver_cfg, targets)
     if fp8_targets:
-        groups["group_1"] = _fp8_block_group(fp8_targets, fp8_block)
+        groups[f"group_{len(groups)}"] = _fp8_block_group(fp8_targets, fp8_block)
     return {
         "quant_method": "compressed-tensors",
         "format": MIXED_PRECISION if len(groups) > 1 else _COMPRESSION_FORMAT[scheme.format],
@@ -216,6 +223,16 @@ def _quantized_group(scheme: QuantScheme, solver_cfg: SolverConfig, targets: lis
             "dynamic": False,
             "observer": solver_cfg.observer,
         },
+        "input_activations": None,
+        "output_activations": None,
+    }
+
+
+def _kept_group(weights: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "targets": [ROUTED_EXPERTS],
+        "format": PACK_QUANTIZED,
+        "weights": dict(weights),
         "input_activations": None,
         "output_activations": None,
     }
