@@ -80,7 +80,10 @@ def synth(
         device=device,
         source_format=source_format,
     )
-    write_synthetic_checkpoint(out, opts, progress=lambda msg: typer.echo(msg, err=True))
+    try:
+        write_synthetic_checkpoint(out, opts, progress=lambda msg: typer.echo(msg, err=True))
+    except ValueError as exc:  # a config the options make invalid (e.g. int4 experts of a width not 32k)
+        raise StreamqError(f"synth: {exc}") from None
     typer.echo(f"wrote {out}")
 
 
@@ -121,10 +124,7 @@ def run(
     unquantized: Annotated[
         str | None, typer.Option(help="Unquantized Linears as bf16 or fp8 (FP8 blocks kept).")
     ] = None,
-    source_experts: Annotated[
-        str | None,
-        typer.Option(help="Experts a source ships packed (INT4): requantize them, or keep them as shipped."),
-    ] = None,
+    source_experts: Annotated[str | None, typer.Option(help="Packed source experts: requantize or keep.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     dtype: Annotated[str, typer.Option(help="Compute dtype: bfloat16 or float32.")] = "bfloat16",
     token_budget: Annotated[int, typer.Option(min=1, help="Tokens per forward micro-batch.")] = 32768,

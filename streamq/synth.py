@@ -3,10 +3,11 @@
 The config uses the release's field names (``rope_scaling`` yarn, ``quantization_config`` fp8 [128, 128], …),
 or transformers 5's (``rope_parameters``, ``rope_interleave``) with ``SynthOptions(config_style="transformers5")``;
 linear weights are float8 e4m3 with ``weight_scale_inv`` block scales, norms and the router are bf16, the
-router's correction bias float32; the first layers are dense, the rest MoE, and the multi-token-prediction
-layers follow the decoder layers. Tensors are generated and written one row slab at a time, so even the full
-DeepSeek-V3 width never holds more than one slab in RAM. Every tensor's values come from a generator seeded by
-its name, so a checkpoint is reproducible and independent of the shard layout.
+router's correction bias float32 (``SynthOptions.source_format`` "bf16" stores the Linears in bf16 and "int4"
+packs the routed experts as Kimi-K2-Thinking does: see synth_formats.py); the first layers are dense, the rest
+MoE, and the multi-token-prediction layers follow the decoder layers. Tensors are generated and written one row
+slab at a time, so even the full DeepSeek-V3 width never holds more than one slab in RAM. Every tensor's values
+come from a generator seeded by its name, so a checkpoint is reproducible and independent of the shard layout.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from streamq.kernels.fp8_blocks import quantize_fp8_blocks
 from streamq.synth_formats import (
     FP8_BLOCK,
     INT4_GROUP,
+    check_int4_widths,
     check_source_format,
     linear_kind,
     pack_int4_rows,
@@ -154,6 +156,8 @@ def synth_config(opts: SynthOptions) -> dict[str, object]:
     if opts.tokenizer_dir is not None:
         cfg["vocab_size"] = max(int(cfg["vocab_size"]), tokenizer_vocab_size(opts.tokenizer_dir))
     check_source_format(opts.source_format)
+    if opts.source_format == "int4":
+        check_int4_widths(cfg)
     qcfg = quantization_config(opts.source_format, mtp=int(cfg["num_nextn_predict_layers"]) > 0)
     if qcfg is not None:
         cfg["quantization_config"] = qcfg

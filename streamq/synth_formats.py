@@ -27,6 +27,13 @@ def check_source_format(fmt: str) -> None:
         raise ValueError(f"unknown source format {fmt!r}; choose one of {', '.join(SOURCE_FORMATS)}")
 
 
+def check_int4_widths(cfg: dict[str, Any]) -> None:
+    """Packed experts need whole groups of 32 input columns in both of their shapes."""
+    for field in ("hidden_size", "moe_intermediate_size"):
+        if int(cfg[field]) % INT4_GROUP:
+            raise ValueError(f"{field} {cfg[field]} is not a multiple of {INT4_GROUP}, which int4 experts need")
+
+
 def quantization_config(fmt: str, mtp: bool) -> dict[str, Any] | None:
     """config.json's ``quantization_config`` for a checkpoint stored in ``fmt`` (None: unquantized)."""
     check_source_format(fmt)

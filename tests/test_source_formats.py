@@ -269,3 +269,10 @@ def decompressed_all(out: Path) -> dict[str, torch.Tensor]:
         parts = {n.removeprefix(module + "."): reader.raw(n) for n in reader.names(module + ".weight_")}
         weights[module] = BaseCompressor.get_value_from_registry(group.format).decompress(parts, group)["weight"]
     return weights
+
+
+def test_int4_experts_need_whole_groups_of_32(tmp_path: Path) -> None:
+    opts = SynthOptions(preset="tiny", source_format="int4", overrides={"moe_intermediate_size": 200})
+    with pytest.raises(ValueError, match="moe_intermediate_size 200 is not a multiple of 32"):
+        write_synthetic_checkpoint(tmp_path / "model", opts)
+    assert not (tmp_path / "model").exists()
