@@ -106,7 +106,7 @@ def load_tiktoken_tokenizer(model_dir: Path) -> TiktokenTokenizer:
         ) from None
     config = _read_config(model_dir)
     ranks = read_bpe_ranks(model_dir / TIKTOKEN_FILE, config)
-    special = special_tokens(model_dir / CONFIG_FILE, config, len(ranks))
+    special = special_tokens(model_dir / CONFIG_FILE, config, max(ranks.values()) + 1)
     pattern = split_pattern(model_dir, config)
     try:
         encoding = tiktoken.Encoding(
@@ -161,13 +161,13 @@ def read_bpe_ranks(path: Path, config: dict[str, Any]) -> dict[bytes, int]:
             ) from None
     if not ranks:
         raise StreamqError(f"{path}: no BPE ranks; download it again")
-    if sorted(ranks.values()) != list(range(len(ranks))):
-        raise StreamqError(f"{path}: ranks are not 0..{len(ranks) - 1}, each once; download it again")
+    if len(set(ranks.values())) != len(ranks):
+        raise StreamqError(f"{path}: two tokens share a rank; download it again")
     return ranks
 
 
 def special_tokens(path: Path, config: dict[str, Any], num_ranks: int) -> dict[str, int]:
-    """Special token text -> id from ``added_tokens_decoder``, above the BPE's ids."""
+    """Special token text -> id from ``added_tokens_decoder``, above the BPE's ids 0 .. ``num_ranks`` - 1."""
     decoder = config.get("added_tokens_decoder")
     if not isinstance(decoder, dict) or not decoder:
         raise StreamqError(
@@ -181,7 +181,7 @@ def special_tokens(path: Path, config: dict[str, Any], num_ranks: int) -> dict[s
             raise StreamqError(f"{path}: added_tokens_decoder entry {key!r} needs a numeric id and a 'content' string")
         if int(key) < num_ranks:
             raise StreamqError(
-                f"{path}: special token {content!r} has id {key}, inside the {num_ranks} BPE ranks of "
+                f"{path}: special token {content!r} has id {key}, among the BPE's ids 0-{num_ranks - 1} in "
                 f"{TIKTOKEN_FILE}; the two files do not belong together: download both again"
             )
         if special.setdefault(content, int(key)) != int(key):

@@ -140,7 +140,7 @@ def test_long_runs_are_cut_and_their_bytes_kept() -> None:
         ("tokenization_test.py", {}, "tokenization_test.py not found; it holds the tokenizer's split pattern"),
         (None, {"added_tokens_decoder": {}}, "no added_tokens_decoder"),
         (None, {"auto_map": {}}, "no auto_map.AutoTokenizer naming the tokenizer's Python file"),
-        (None, {"added_tokens_decoder": {"5": {"content": "[BOS]"}}}, "has id 5, inside the 269 BPE ranks"),
+        (None, {"added_tokens_decoder": {"5": {"content": "[BOS]"}}}, "has id 5, among the BPE's ids 0-268"),
         (None, {"bos_token": "<s>"}, "bos_token '<s>' is not one of the special tokens"),
     ],
 )
