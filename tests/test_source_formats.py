@@ -276,3 +276,14 @@ def test_int4_experts_need_whole_groups_of_32(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="moe_intermediate_size 200 is not a multiple of 32"):
         write_synthetic_checkpoint(tmp_path / "model", opts)
     assert not (tmp_path / "model").exists()
+
+
+def test_synth_command_writes_each_source_format(tmp_path: Path, monkeypatch, capsys) -> None:
+    code, err = streamq(monkeypatch, capsys, "synth", str(tmp_path / "bad"), "--source-format", "int8")
+    assert code == 2 and "--source-format int8: unknown; choose one of fp8, bf16, int4" in error_line(err)
+    assert not (tmp_path / "bad").exists()
+    args = ("--layers", "3", "--experts", "8", "--shards", "1", "--no-mtp")
+    assert streamq(monkeypatch, capsys, "synth", str(tmp_path / "int4"), "--source-format", "int4", *args)[0] == 0
+    reader = CheckpointReader(tmp_path / "int4")
+    assert reader.compressed is not None and len(reader.packed) == 8 * 3
+    assert reader.compressed.scheme_of(EXPERT).describe() == "INT4 g32 sym (pack-quantized)"
