@@ -8,9 +8,10 @@ DeepSeek-V3's 92 k tensors) and the calibration text:
   per-expert tensors or transformers 5's fused ``gate_up_proj`` / ``down_proj``), and every FP8 weight has its
   block scale with the grid ceil(out / block) x ceil(in / block) of config.json's ``weight_block_size``, and
   every compressed-tensors packed Linear (Kimi-K2-Thinking's INT4 experts) the packed words, scales and shape
-  its config group implies;
-* options that need a source format (``--unquantized fp8`` needs FP8 blocks) fit the checkpoint;
-  nothing is missing (the index and the shards themselves are checked when the reader opens them);
+  its config group implies; nothing is missing (the index and the shards themselves are checked when the reader
+  opens them);
+* options that need a source format (``--unquantized fp8`` needs FP8 blocks, ``--source-experts keep`` packed
+  experts) fit the checkpoint;
 * the quantization scheme fits every Linear in scope: the group size divides each one's in_features;
 * the calibration data gives ``num_samples`` x ``seq_len`` tokens (tokenized here, handed to the run).
 
@@ -247,9 +248,13 @@ def check_source_format(reader: CheckpointReader, recipe: Recipe) -> None:
 def _check_kept_experts(reader: CheckpointReader) -> None:
     """--source-experts keep: every routed expert is packed, all in one config group (written as one group)."""
     cfg, groups = reader.config, {}
-    for layer in range(cfg.num_hidden_layers):
-        if not cfg.is_moe_layer(layer):
-            continue
+    moe_layers = [layer for layer in range(cfg.num_hidden_layers) if cfg.is_moe_layer(layer)]
+    if not moe_layers:
+        raise StreamqError(
+            f"{reader.dir / 'config.json'}: --source-experts keep, but this model has no routed experts to keep; "
+            "use --source-experts requantize"
+        )
+    for layer in moe_layers:
         for e in range(cfg.n_routed_experts):
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 name = f"{reader.layer_prefix(layer)}mlp.experts.{e}.{proj}.weight"

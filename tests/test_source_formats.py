@@ -287,3 +287,11 @@ def test_synth_command_writes_each_source_format(tmp_path: Path, monkeypatch, ca
     reader = CheckpointReader(tmp_path / "int4")
     assert reader.compressed is not None and len(reader.packed) == 8 * 3
     assert reader.compressed.scheme_of(EXPERT).describe() == "INT4 g32 sym (pack-quantized)"
+
+
+def test_keeping_experts_of_a_model_without_experts_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
+    opts = SynthOptions(preset="tiny", num_layers=2, shards=1, mtp=False, source_format="int4")  # 2 dense layers
+    model, out = write_synthetic_checkpoint(tmp_path / "model", opts), tmp_path / "out"
+    code, err = streamq(monkeypatch, capsys, *run_args(model, out, "--source-experts", "keep", "--scope", "all"))
+    assert code == 2 and not out.exists()
+    assert "--source-experts keep, but this model has no routed experts to keep" in error_line(err)
