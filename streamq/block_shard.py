@@ -90,7 +90,7 @@ def _shard_plan(
     plan = recipe.plan(reader.config.fp8_block is not None)
     schemes = plan.quantized()
     quantized = {
-        prefix + m: packed_layout(*reader.info(f"{prefix}{m}.weight").shape, scheme, scheme.scale_torch_dtype)
+        prefix + m: packed_layout(*reader.shape(f"{prefix}{m}.weight"), scheme, scheme.scale_torch_dtype)
         for g in linear_groups(reader.config, layer, recipe)
         for scheme in (schemes[g.family],)
         for m in g.members
@@ -102,7 +102,10 @@ def _shard_plan(
         for name in solved.changed
         if prefix + name.removesuffix(".weight") not in quantized and not params[name].is_meta
     }
-    tensors = plan_tensors(reader, reader.names(prefix), quantized, packed, kept_fp8(plan), overrides=overrides)
+    keep_experts = bool(plan.kept("keep"))
+    tensors = plan_tensors(
+        reader, reader.names(prefix), quantized, packed, kept_fp8(plan), overrides=overrides, keep_experts=keep_experts
+    )
     n = reader.config.n_routed_experts
 
     def owner(name: str) -> int:

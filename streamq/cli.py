@@ -49,17 +49,25 @@ def synth(
     shards: Annotated[int, typer.Option(min=1, help="Number of safetensors shards.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     tokenizer: Annotated[
-        Path | None, typer.Option(help="Directory with tokenizer.json + tokenizer_config.json to copy.")
+        Path | None,
+        typer.Option(help="Directory with tokenizer.json (or tiktoken.model + its code) + tokenizer_config.json."),
     ] = None,
     device: Annotated[str, typer.Option(help="Where to generate values (cuda is faster at full width).")] = "cpu",
+    source_format: Annotated[
+        str,
+        typer.Option(help="Linears as fp8 (DeepSeek's 128x128 blocks), bf16, or int4 (experts as Kimi-K2-Thinking)."),
+    ] = "fp8",
 ) -> None:
     """Write a synthetic checkpoint in DeepSeek-V3's release layout (FP8 blocks, shards, index)."""
     from streamq.synth import PRESETS, SynthOptions, write_synthetic_checkpoint
+    from streamq.synth_formats import SOURCE_FORMATS
 
     if preset not in PRESETS:
         raise StreamqError(f"--preset {preset}: unknown; choose one of {', '.join(PRESETS)}")
-    if tokenizer is not None and not (tokenizer / "tokenizer.json").is_file():
-        raise StreamqError(f"{tokenizer}: no tokenizer.json there; pass the directory that holds it")
+    if source_format not in SOURCE_FORMATS:
+        raise StreamqError(f"--source-format {source_format}: unknown; choose one of {', '.join(SOURCE_FORMATS)}")
+    if tokenizer is not None and not any((tokenizer / n).is_file() for n in ("tokenizer.json", "tiktoken.model")):
+        raise StreamqError(f"{tokenizer}: no tokenizer.json or tiktoken.model there; pass the directory that holds it")
     opts = SynthOptions(
         preset=preset,
         num_layers=layers,
@@ -70,8 +78,12 @@ def synth(
         seed=seed,
         tokenizer_dir=tokenizer,
         device=device,
+        source_format=source_format,
     )
-    write_synthetic_checkpoint(out, opts, progress=lambda msg: typer.echo(msg, err=True))
+    try:
+        write_synthetic_checkpoint(out, opts, progress=lambda msg: typer.echo(msg, err=True))
+    except ValueError as exc:  # a config the options make invalid (e.g. int4 experts of a width not 32k)
+        raise StreamqError(f"synth: {exc}") from None
     typer.echo(f"wrote {out}")
 
 
@@ -121,6 +133,7 @@ def run(
             "kept) or bf16.",
         ),
     ] = None,
+    source_experts: Annotated[str | None, typer.Option(help="Packed source experts: requantize or keep.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     dtype: Annotated[str, typer.Option(help="Compute dtype: bfloat16 or float32.")] = "bfloat16",
     token_budget: Annotated[int, typer.Option(min=1, help="Tokens per forward micro-batch.")] = 32768,
@@ -169,7 +182,10 @@ def _recipe_from_options(p: dict[str, Any]) -> Recipe:
             observer={"absmax": "minmax"}.get(observer, observer) if observer else None,
             damp=p["damp"],
         ),
-        top={k: p[k] for k in ("method", "scope", "calibration", "min_tokens", "tie_gate_up", "unquantized")},
+        top={
+            k: p[k]
+            for k in ("method", "scope", "calibration", "min_tokens", "tie_gate_up", "unquantized", "source_experts")
+        },
         schemes=_scheme_options(p["scheme"] or []),
     )
 

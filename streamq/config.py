@@ -239,8 +239,22 @@ def _parse_rope(cfg: dict[str, Any]) -> RopeConfig:
     )
 
 
+# How a source checkpoint's Linears may be stored: quantization_config's quant_method (none: bf16 / fp16).
+SOURCE_QUANT_METHODS = ("fp8", "compressed-tensors")
+
+
 def _parse_fp8(qcfg: dict[str, Any] | None) -> tuple[int, int] | None:
-    if not qcfg or qcfg.get("quant_method") != "fp8":
+    """The FP8 block of a DeepSeek FP8 release; None for bf16 and compressed-tensors sources (the reader parses
+    those, streamq/io/source_quant.py). Any other quant_method is refused here, before a tensor is read."""
+    method = qcfg.get("quant_method") if qcfg else None
+    if method is not None and method not in SOURCE_QUANT_METHODS:
+        raise ValueError(
+            f"quantization_config.quant_method {method!r}; streamq reads fp8 (block scales), compressed-tensors "
+            "(pack-quantized) or unquantized bf16/fp16 sources: dequantize the checkpoint to bf16 first"
+        )
+    if method != "fp8":
         return None
     block = qcfg.get("weight_block_size") or [128, 128]
+    if len(block) != 2 or any(int(b) <= 0 for b in block):
+        raise ValueError(f"quantization_config.weight_block_size {block}; needs two positive sizes, e.g. [128, 128]")
     return int(block[0]), int(block[1])

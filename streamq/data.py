@@ -28,9 +28,11 @@ Too little text
     demo on the built-in text needs this; a real run should see the warning and pass more text.
 
 Tokenizer
-    The model directory's tokenizer (``AutoTokenizer``; conversations through its chat template). When the
-    directory has no tokenizer files at all (a synthetic checkpoint), a byte-level fallback is used and a
-    warning says so: token id = UTF-8 byte + ``BYTE_OFFSET``, with ids 0, 1, 2 reserved for BOS, EOS and padding
+    The model directory's tokenizer (``AutoTokenizer``; conversations through its chat template), or, for a
+    tiktoken BPE shipped with Python code (Kimi-K2's ``tiktoken.model``), the ``tiktoken`` package with the
+    model's ranks, split pattern, special tokens and chat template, read as data (streamq/tiktoken_tokenizer.py).
+    When the directory has no tokenizer files at all (a synthetic checkpoint), a byte-level fallback is used and
+    a warning says so: token id = UTF-8 byte + ``BYTE_OFFSET``, with ids 0, 1, 2 reserved for BOS, EOS and padding
     (DeepSeek's own BOS/EOS ids). It needs a vocabulary of at least 259 ids and its activations look nothing like
     those of real text, so it is only good for exercising the pipeline.
 """
@@ -56,12 +58,13 @@ import torch
 
 from streamq.data_config import BUILTIN, ChatTemplateMode, DataConfig, Split
 from streamq.errors import StreamqError
+from streamq.tiktoken_tokenizer import is_tiktoken_dir, load_tiktoken_tokenizer
 
 WarnFn = Callable[[str], None]
 
 BUILTIN_PATH = Path(__file__).resolve().parent / "assets" / "builtin.txt"
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "tokenizer_config.json")
 
 BYTE_OFFSET = 3
 BYTE_BOS_ID = 0
@@ -215,6 +218,8 @@ def load_tokenizer(model_dir: Path, warn: WarnFn) -> TextTokenizer:
     """The model's tokenizer, or the byte-level fallback (announced through ``warn``) when it has none."""
     if not model_dir.is_dir():
         raise StreamqError(f"model directory {model_dir} not found; pass the directory with config.json")
+    if is_tiktoken_dir(model_dir):
+        return _load_tiktoken(model_dir.resolve())
     if any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         return _load_hf_tokenizer(model_dir.resolve())
     vocab_size = _model_vocab_size(model_dir)
@@ -229,6 +234,12 @@ def load_tokenizer(model_dir: Path, warn: WarnFn) -> TextTokenizer:
         "a real one"
     )
     return ByteTokenizer()
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tiktoken(model_dir: Path) -> TextTokenizer:
+    # Cached like the transformers tokenizer: building the BPE of a 160 k-token vocabulary takes a second.
+    return load_tiktoken_tokenizer(model_dir)
 
 
 @functools.lru_cache(maxsize=4)

@@ -100,7 +100,7 @@ def linear_groups(cfg: ModelConfig, layer: int, recipe: Recipe) -> list[LinearGr
         groups += _mlp_groups("mlp.shared_experts", tie)
     if not moe and Family.DENSE in quantized:
         groups += _mlp_groups("mlp", tie)
-    if moe and Family.EXPERTS in quantized:
+    if moe and Family.EXPERTS in quantized:  # not when kept as the source packs them
         for e in range(cfg.n_routed_experts):
             groups += _mlp_groups(f"mlp.experts.{e}", tie, expert=e)
     return groups

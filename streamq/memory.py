@@ -86,16 +86,22 @@ def _device_budget(device: torch.device) -> int:
 
 
 def largest_block_bytes(reader: CheckpointReader) -> int:
-    """The largest decoder block's weights in bf16 (FP8 scales left out), from the checkpoint's headers."""
+    """The largest decoder block's weights in bf16 (FP8 scales left out, packed Linears at their dense size), from
+    the checkpoint's headers."""
     sizes = [
         sum(
-            2 * math.prod(reader.info(n).shape)
-            for n in reader.names(reader.layer_prefix(layer))
-            if not n.endswith(SCALE_SUFFIX)
+            2 * math.prod(reader.shape(n))
+            for n in reader.names(reader.layer_prefix(layer)) + sorted(reader.packed)
+            if n.startswith(reader.layer_prefix(layer)) and not n.endswith(SCALE_SUFFIX) and _dense(reader, n)
         )
         for layer in range(reader.config.num_hidden_layers)
     ]
     return max(sizes, default=0)
+
+
+def _dense(reader: CheckpointReader, name: str) -> bool:
+    """Not one of a packed Linear's stored tensors (its dense size is counted once, under its weight name)."""
+    return name in reader.packed or name.rsplit(".", 1)[0] + ".weight" not in reader.packed
 
 
 def release_host_memory() -> None:

@@ -6,8 +6,12 @@ DeepSeek-V3's 92 k tensors) and the calibration text:
 * MODEL and OUT are distinct and neither contains the other;
 * every tensor the run reads has the shape and dtype config.json implies, in either expert layout (the release's
   per-expert tensors or transformers 5's fused ``gate_up_proj`` / ``down_proj``), and every FP8 weight has its
-  block scale with the grid ceil(out / block) x ceil(in / block) of config.json's ``weight_block_size``;
-  nothing is missing (the index and the shards themselves are checked when the reader opens them);
+  block scale with the grid ceil(out / block) x ceil(in / block) of config.json's ``weight_block_size``, and
+  every compressed-tensors packed Linear (Kimi-K2-Thinking's INT4 experts) the packed words, scales and shape
+  its config group implies; nothing is missing (the index and the shards themselves are checked when the reader
+  opens them);
+* options that need a source format (``--unquantized fp8`` needs FP8 blocks, ``--source-experts keep`` packed
+  experts) fit the checkpoint;
 * the quantization scheme fits every Linear in scope: the group size divides each one's in_features;
 * the calibration data gives ``num_samples`` x ``seq_len`` tokens (tokenized here, handed to the run).
 
@@ -69,6 +73,7 @@ def check_before_output(model_dir: Path, out: Path, recipe: Recipe, world: int =
         raise StreamqError(f"--num-samples {recipe.data.num_samples} must be a multiple of the {world} processes")
     with CheckpointReader(model_dir) as reader:
         check_tensors(reader)
+        check_source_format(reader, recipe)
         check_scheme(reader, recipe)
         # Not an error: transformers loads such an output exactly; vLLM would compute something else.
         warnings = [f"{model_dir}/config.json: {problem}" for problem in vllm_mismatches(reader.config)]
@@ -111,6 +116,9 @@ def check_tensors(reader: CheckpointReader) -> None:
     blocks = _block_kinds(cfg)
     for name, shape in expected_shapes(cfg, blocks):
         info = reader.infos.get(name)
+        if info is None and name in reader.packed:
+            _check_packed(reader, name, shape)
+            continue
         if info is None:
             if _required(cfg, name):
                 raise StreamqError(
@@ -179,6 +187,8 @@ def _unexpected(reader: CheckpointReader, name: str, blocks: dict[bool, dict[str
     cfg, layer = reader.config, _layer_of(name)
     if layer is None or layer >= cfg.num_hidden_layers or _is_fp8_scale(reader, name):
         return False
+    if name.rsplit(".", 1)[0] + ".weight" in reader.packed:
+        return False  # a packed Linear's weight_packed / weight_scale / ...: checked with its Linear
     local = name.split(".", 3)[3]
     if local.startswith(MTP_EXTRAS) or local in FUSED:
         return False
@@ -221,6 +231,90 @@ def _check_one(reader: CheckpointReader, name: str, info: TensorInfo, shape: tup
         )
     if info.dtype in FP8:
         _check_scale(reader, name, info)
+
+
+def check_source_format(reader: CheckpointReader, recipe: Recipe) -> None:
+    """Options that only make sense for one source format."""
+    if recipe.unquantized == "fp8" and reader.config.fp8_block is None:
+        stored = "compressed-tensors packed and bf16" if reader.compressed is not None else "bf16/fp16"
+        raise StreamqError(
+            f"{reader.dir / 'config.json'}: --unquantized fp8 keeps the FP8 blocks a checkpoint ships, but this one "
+            f"has none (its Linears are {stored}); use --unquantized bf16"
+        )
+    if recipe.source_experts == "keep":
+        _check_kept_experts(reader)
+
+
+def _check_kept_experts(reader: CheckpointReader) -> None:
+    """--source-experts keep: every routed expert is packed, all in one config group (written as one group)."""
+    cfg, groups = reader.config, {}
+    moe_layers = [layer for layer in range(cfg.num_hidden_layers) if cfg.is_moe_layer(layer)]
+    if not moe_layers:
+        raise StreamqError(
+            f"{reader.dir / 'config.json'}: --source-experts keep, but this model has no routed experts to keep; "
+            "use --source-experts requantize"
+        )
+    for layer in moe_layers:
+        for e in range(cfg.n_routed_experts):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                name = f"{reader.layer_prefix(layer)}mlp.experts.{e}.{proj}.weight"
+                if name not in reader.packed or reader.compressed is None:
+                    stored = str(reader.info(name).dtype).removeprefix("torch.")
+                    raise StreamqError(
+                        f"{reader.info(name).file}: --source-experts keep copies experts a source ships packed "
+                        f"(compressed-tensors), but {name} is {stored}; use --source-experts requantize"
+                    )
+                groups.setdefault(reader.compressed.scheme_of(name.removesuffix(".weight")).group, name)
+    if len(groups) > 1:
+        raise StreamqError(
+            f"{reader.dir / 'config.json'}: --source-experts keep needs the routed experts in one config group, "
+            f"but they are in {', '.join(sorted(groups))}; use --source-experts requantize"
+        )
+
+
+def _check_packed(reader: CheckpointReader, name: str, shape: tuple[int, ...]) -> None:
+    """A compressed-tensors packed Linear (e.g. Kimi-K2-Thinking's INT4 experts): its tensors' dtypes and shapes
+    against the [out, in] config.json implies and the scheme its quantization_config gives it."""
+    module, file = name.removesuffix(".weight"), reader.infos[name + "_packed"].file
+    if reader.compressed is None:
+        raise StreamqError(
+            f"{file}: {module} is packed (weight_packed) but config.json has no compressed-tensors "
+            "quantization_config; download the config.json that belongs to these weights"
+        )
+    scheme = reader.compressed.scheme_of(module)
+    out_features, in_features = shape
+    group = scheme.group_size or in_features
+    if in_features % group:
+        raise StreamqError(
+            f"{file}: {module} has in_features {in_features}, not a multiple of its source group size {group} "
+            f"({scheme.group} in config.json); the weights and config.json disagree: download both again"
+        )
+    words = -(-in_features * scheme.bits // 32)
+    wanted = {
+        "weight_packed": ((torch.int32,), (out_features, words)),
+        "weight_scale": (SCALE_DTYPES, (out_features, in_features // group)),
+        "weight_shape": (INT_DTYPES, (2,)),
+        "weight_zero_point": ((torch.int32,), (-(-out_features * scheme.bits // 32), in_features // group)),
+    }
+    for part in scheme.components():
+        info = reader.infos.get(f"{module}.{part}")
+        if info is None:
+            raise StreamqError(
+                f"{file}: packed Linear {module} has no {module}.{part}, which {scheme.describe()} needs; "
+                "download the complete checkpoint"
+            )
+        dtypes, want = wanted.get(part, ((info.dtype,), info.shape))
+        if info.dtype not in dtypes or info.shape != want:
+            names = "/".join(str(d).removeprefix("torch.") for d in dtypes)
+            raise StreamqError(
+                f"{info.file}: tensor {info.name} is {str(info.dtype).removeprefix('torch.')} {list(info.shape)}, "
+                f"the [{out_features}, {in_features}] Linear stored as {scheme.describe()} needs {names} "
+                f"{list(want)}; the weights and config.json disagree: download both again"
+            )
+
+
+SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+INT_DTYPES = (torch.int32, torch.int64)
 
 
 def _check_scale(reader: CheckpointReader, name: str, info: TensorInfo) -> None:
@@ -266,7 +360,7 @@ def _check_group_size(reader: CheckpointReader, group: int, linears: dict[str, i
     name, in_features = misfits[0], linears[misfits[0]]
     common = math.gcd(*linears.values())
     fits = ", ".join(["0 (per channel)", *(str(g) for g in GROUP_SIZES if common % g == 0)])
-    where = f"{reader.infos[name].file}: tensor {name} has in_features {in_features}, not a multiple of"
+    where = f"{_file_of(reader, name)}: tensor {name} has in_features {in_features}, not a multiple of"
     if options:
         raise StreamqError(
             f"{where} the group size {group} of --scheme {', '.join(options)}; give those families a group size "
@@ -305,7 +399,11 @@ def _linears_in_scope(reader: CheckpointReader, recipe: Recipe) -> Iterator[tupl
         for group in linear_groups(cfg, layer, recipe):
             for member in group.members:
                 name = f"{prefix}{member}.weight"
-                yield name, reader.infos[name].shape[-1]
+                yield name, reader.shape(name)[-1]
+
+
+def _file_of(reader: CheckpointReader, name: str) -> Path:
+    return reader.info(name + "_packed" if name in reader.packed else name).file
 
 
 def _is_routed_expert(name: str) -> bool:

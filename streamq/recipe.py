@@ -24,8 +24,12 @@ Method = Literal["gptq", "rtn", "awq"]
 Scope = Literal["experts", "all"]
 CalibrationMode = Literal["routed", "all", "hybrid"]
 UnquantizedDtype = Literal["bf16", "fp8"]
-# What one family of Linears becomes: a quantized scheme, or left unquantized as bf16 / the release's FP8 blocks.
-GroupScheme = QuantScheme | UnquantizedDtype
+SourceExperts = Literal["requantize", "keep"]
+# A family left unquantized: dequantized to bf16, the release's FP8 blocks, or (routed experts of a pack-quantized
+# source, --source-experts keep) the source's packed tensors copied as shipped.
+Kept = Literal["bf16", "fp8", "keep"]
+# What one family of Linears becomes: a quantized scheme, or kept.
+GroupScheme = QuantScheme | Kept
 
 RECIPE_NAME = "streamq_recipe.json"
 SCHEME_SPECS = "nvfp4, mxfp4, wNa16 (N = 2, 3, 4, 8; groups of 128, or -gG, -g0 per channel, -asym), fp8 or bf16"
@@ -74,7 +78,7 @@ class Plan:
     def quantized(self) -> dict[Family, QuantScheme]:
         return {f: s for f, s in self.schemes if isinstance(s, QuantScheme)}
 
-    def kept(self, dtype: UnquantizedDtype) -> list[Family]:
+    def kept(self, dtype: Kept) -> list[Family]:
         """The families left unquantized as ``dtype``."""
         return [f for f, s in self.schemes if s == dtype]
 
@@ -96,6 +100,9 @@ class Recipe:
     ``schemes``: per-family overrides (family name, ``--scheme`` value) of what scope, unquantized and the solver's
     scheme give each family (see ``plan``); empty for a recipe of one scheme, and then not serialised, so such a
     recipe has the file and digest it had before mixed recipes existed.
+    ``source_experts``: routed experts a source ships packed (Kimi-K2-Thinking's INT4) are dequantized and
+    quantized again ("requantize"), or copied as shipped ("keep"; then only the other families the plan quantizes
+    are solved). Serialised only when "keep", like ``schemes``.
     """
 
     method: Method = "gptq"
@@ -105,6 +112,7 @@ class Recipe:
     min_tokens: int = 256
     tie_gate_up: bool = True
     unquantized: UnquantizedDtype = "bf16"
+    source_experts: SourceExperts = "requantize"
     data: DataConfig = field(default_factory=DataConfig)
     schemes: tuple[tuple[str, str], ...] = ()
 
@@ -114,6 +122,8 @@ class Recipe:
         _one_of("scope", self.scope, ("experts", "all"))
         _one_of("calibration", self.calibration, ("routed", "all", "hybrid"))
         _one_of("unquantized", self.unquantized, ("bf16", "fp8"))
+        _one_of("source_experts", self.source_experts, ("requantize", "keep"))
+        self._check_kept_experts()
         _one_of("actorder", self.solver.actorder, ("none", "weight"))
         _one_of("observer", self.solver.observer, ("minmax", "mse"))
         if self.min_tokens < 0:
@@ -131,11 +141,32 @@ class Recipe:
         base: dict[Family, GroupScheme] = {f: self.scheme if self.scope == "all" else kept for f in FAMILIES}
         base[Family.EXPERTS] = self.scheme
         base.update({Family(f): parse_scheme(spec) for f, spec in self.schemes})
+        if self.source_experts == "keep":
+            base[Family.EXPERTS] = "keep"
         return Plan(tuple(base.items()))
 
     def solver_for(self, scheme: QuantScheme) -> SolverConfig:
         """The solver's settings with ``scheme`` as its grid."""
         return dataclasses.replace(self.solver, scheme=scheme)
+
+    def _check_kept_experts(self) -> None:
+        if self.source_experts != "keep":
+            return
+        if Family.EXPERTS.value in dict(self.schemes):
+            raise StreamqError(
+                "--source-experts keep copies the routed experts as shipped, which contradicts --scheme experts=...: "
+                "drop one of them"
+            )
+        if not self.plan().quantized():
+            raise StreamqError(
+                "--source-experts keep copies the routed experts as shipped, so this recipe would quantize nothing: "
+                "use --scope all or --scheme FAMILY=SPEC (attention, shared, dense), or --source-experts requantize"
+            )
+        if self.method == "awq":
+            raise StreamqError(
+                "--method awq folds its scales into the norm the routed experts read, which experts kept as shipped "
+                "cannot absorb: use --method gptq or rtn, or --source-experts requantize"
+            )
 
     @property
     def scheme(self) -> QuantScheme:
@@ -146,6 +177,8 @@ class Recipe:
         del d["schemes"]
         if self.schemes:
             d["schemes"] = dict(self.schemes)
+        if self.source_experts == "requantize":
+            del d["source_experts"]
         return d
 
     @classmethod
@@ -185,6 +218,8 @@ def describe(recipe: Recipe) -> str:
         parts.append("MSE scales")
     if not recipe.schemes:
         parts.append("routed experts" if recipe.scope == "experts" else "all Linears")
+        if recipe.source_experts == "keep":
+            parts[-1] = "all Linears but the routed experts, kept as shipped"
     if recipe.method != "rtn":
         parts += {
             "all": ["every token to every expert"],
@@ -199,7 +234,7 @@ def describe(recipe: Recipe) -> str:
 def _label(scheme: GroupScheme) -> str:
     """``W4 g128 sym``, ``NVFP4``, ``MXFP4``, ``FP8 blocks`` or ``bf16``."""
     if isinstance(scheme, str):
-        return "FP8 blocks" if scheme == "fp8" else scheme
+        return {"fp8": "FP8 blocks", "keep": "kept as shipped"}.get(scheme, scheme)
     if scheme.format != "int":
         return scheme.format.upper()
     grid = f"g{scheme.group_size}" if scheme.group_size else "per-channel"

@@ -3,10 +3,11 @@
 The config uses the release's field names (``rope_scaling`` yarn, ``quantization_config`` fp8 [128, 128], …),
 or transformers 5's (``rope_parameters``, ``rope_interleave``) with ``SynthOptions(config_style="transformers5")``;
 linear weights are float8 e4m3 with ``weight_scale_inv`` block scales, norms and the router are bf16, the
-router's correction bias float32; the first layers are dense, the rest MoE, and the multi-token-prediction
-layers follow the decoder layers. Tensors are generated and written one row slab at a time, so even the full
-DeepSeek-V3 width never holds more than one slab in RAM. Every tensor's values come from a generator seeded by
-its name, so a checkpoint is reproducible and independent of the shard layout.
+router's correction bias float32 (``SynthOptions.source_format`` "bf16" stores the Linears in bf16 and "int4"
+packs the routed experts as Kimi-K2-Thinking does: see synth_formats.py); the first layers are dense, the rest
+MoE, and the multi-token-prediction layers follow the decoder layers. Tensors are generated and written one row
+slab at a time, so even the full DeepSeek-V3 width never holds more than one slab in RAM. Every tensor's values
+come from a generator seeded by its name, so a checkpoint is reproducible and independent of the shard layout.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import shutil
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,17 @@ from streamq.errors import StreamqError
 from streamq.io.safetensors_stream import INDEX_NAME, SCALE_SUFFIX
 from streamq.io.safetensors_write import TensorSpec, write_safetensors
 from streamq.kernels.fp8_blocks import quantize_fp8_blocks
+from streamq.synth_formats import (
+    FP8_BLOCK,
+    INT4_GROUP,
+    check_int4_widths,
+    check_source_format,
+    linear_kind,
+    pack_int4_rows,
+    quantization_config,
+)
+from streamq.tiktoken_tokenizer import load_tiktoken_tokenizer
 
-FP8_BLOCK = (128, 128)
 CONFIG_STYLES = ("release", "transformers5")
 _SLAB_ROWS = 1024  # a multiple of the FP8 block, small enough that a slab of any DeepSeek tensor is < 60 MB
 
@@ -131,6 +141,7 @@ class SynthOptions:
     device: str = "cpu"  # where values are generated; "cuda" is much faster at full width
     overrides: dict[str, object] = field(default_factory=dict)  # any config.json field, e.g. for tests
     config_style: str = "release"  # or "transformers5": the same model, its config.json as transformers 5 saves it
+    source_format: str = "fp8"  # how Linears are stored: fp8 blocks, bf16, or int4 experts (see synth_formats.py)
 
 
 def synth_config(opts: SynthOptions) -> dict[str, object]:
@@ -152,13 +163,14 @@ def synth_config(opts: SynthOptions) -> dict[str, object]:
     cfg.update(opts.overrides)
     if opts.tokenizer_dir is not None:
         cfg["vocab_size"] = max(int(cfg["vocab_size"]), tokenizer_vocab_size(opts.tokenizer_dir))
-    cfg["quantization_config"] = {
-        "activation_scheme": "dynamic",
-        "fmt": "e4m3",
-        "quant_method": "fp8",
-        "weight_block_size": list(FP8_BLOCK),
-    }
-    if "index_topk" in cfg:  # V3.2's release declares power-of-two activation scales (its indexer uses them)
+    check_source_format(opts.source_format)
+    if opts.source_format == "int4":
+        check_int4_widths(cfg)
+    qcfg = quantization_config(opts.source_format, mtp=int(cfg["num_nextn_predict_layers"]) > 0)
+    if qcfg is not None:
+        cfg["quantization_config"] = qcfg
+    if "index_topk" in cfg and opts.source_format == "fp8":
+        # V3.2's release declares power-of-two activation scales (its indexer uses them)
         cfg["quantization_config"]["scale_fmt"] = "ue8m0"
     return cfg
 
@@ -189,10 +201,21 @@ def fit_routing(cfg: dict[str, object], experts: int) -> dict[str, int]:
 
 
 def tokenizer_vocab_size(tokenizer_dir: Path) -> int:
-    """Ids used by tokenizer.json (base vocabulary and added tokens), rounded up to a multiple of 128."""
+    """Ids used by tokenizer.json (base vocabulary and added tokens), or by a tiktoken BPE and its special
+    tokens, rounded up to a multiple of 128."""
+    if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        tokenizer = load_tiktoken_tokenizer(Path(tokenizer_dir))
+        return -(-(tokenizer.encoding.max_token_value + 1) // 128) * 128
     tok = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text())
     ids = list(tok["model"]["vocab"].values()) + [t["id"] for t in tok.get("added_tokens", [])]
     return -(-(max(ids) + 1) // 128) * 128
+
+
+def tokenizer_files(tokenizer_dir: Path) -> list[Path]:
+    """The files of a tokenizer directory a checkpoint carries (tokenizer.json, or a tiktoken BPE and its code)."""
+    names = ("tokenizer.json", "tokenizer_config.json", "tiktoken.model", "chat_template.jinja")
+    found = [Path(tokenizer_dir) / n for n in names if (Path(tokenizer_dir) / n).is_file()]
+    return found + sorted(Path(tokenizer_dir).glob("tokenization_*.py"))
 
 
 # -- what the checkpoint holds -------------------------------------------------------------------------------
@@ -202,9 +225,18 @@ def tokenizer_vocab_size(tokenizer_dir: Path) -> int:
 class _Tensor:
     name: str
     shape: tuple[int, ...]
-    kind: str  # "linear" (FP8 + scale), "dense" (bf16 weight), "norm", "shift" (a norm's bias), "bias", "embed"
+    # "linear" (FP8 + scale), "packed" (INT4 + scale + shape), "dense" (bf16 weight), "norm", "shift" (a norm's
+    # bias), "bias", "embed"
+    kind: str
 
     def specs(self) -> list[TensorSpec]:
+        if self.kind == "packed":
+            module, (rows, cols) = self.name.removesuffix(".weight"), self.shape
+            return [
+                TensorSpec(module + ".weight_packed", torch.int32, (rows, cols * 4 // 32)),
+                TensorSpec(module + ".weight_scale", torch.bfloat16, (rows, cols // INT4_GROUP)),
+                TensorSpec(module + ".weight_shape", torch.int64, (2,)),
+            ]
         if self.kind == "linear":
             rb, cb = (-(-d // b) for d, b in zip(self.shape, FP8_BLOCK, strict=True))
             return [
@@ -235,7 +267,15 @@ def checkpoint_tensors(cfg: dict) -> list[_Tensor]:
                 _Tensor(p + "shared_head.head.weight", (v, h), "dense"),
             ]
     tensors += [_Tensor("model.norm.weight", (h,), "norm"), _Tensor("lm_head.weight", (v, h), "dense")]
-    return tensors
+    qcfg = cfg.get("quantization_config")
+    # Linears as the source format stores them (FP8 blocks, bf16, or packed where the config quantizes them).
+    return [_stored_as(t, qcfg) for t in tensors]
+
+
+def _stored_as(tensor: _Tensor, qcfg: dict[str, Any] | None) -> _Tensor:
+    if tensor.kind != "linear":
+        return tensor
+    return replace(tensor, kind=linear_kind(qcfg, tensor.name.removesuffix(".weight")))
 
 
 def _block_tensors(cfg: dict, layer: int, p: str) -> list[_Tensor]:
@@ -313,18 +353,22 @@ class _Values:
         self._pending_scales: dict[str, list[torch.Tensor]] = {}
 
     def produce(self, tensor: _Tensor, spec: TensorSpec) -> Iterator[torch.Tensor]:
-        if spec.name.endswith(SCALE_SUFFIX) and tensor.kind == "linear":
+        if spec.name != tensor.name and spec.name.endswith(("_scale_inv", "_scale")):
             yield torch.cat(self._pending_scales.pop(tensor.name))
             return
+        if spec.name.endswith(".weight_shape"):
+            yield torch.tensor(tensor.shape, dtype=torch.int64)
+            return
+        quantize = {"linear": lambda x: quantize_fp8_blocks(x, FP8_BLOCK), "packed": pack_int4_rows}.get(tensor.kind)
         scales: list[torch.Tensor] = []
         for slab in self.slabs(tensor):
-            if tensor.kind == "linear":
-                q, scale = quantize_fp8_blocks(slab, FP8_BLOCK)
-                scales.append(scale.cpu())
-                yield q.cpu()
-            else:
+            if quantize is None:
                 yield slab.to(spec.dtype).cpu()
-        if tensor.kind == "linear":
+                continue
+            q, scale = quantize(slab)
+            scales.append(scale.cpu())
+            yield q.cpu()
+        if quantize is not None:
             self._pending_scales[tensor.name] = scales
 
 
@@ -401,8 +445,8 @@ def write_release_checkpoint(
     generation = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "do_sample": True}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if tokenizer_dir is not None:
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
+        for path in tokenizer_files(Path(tokenizer_dir)):
+            shutil.copyfile(path, out_dir / path.name)
     return out_dir
 
 

@@ -12,6 +12,7 @@ import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,11 +34,13 @@ from streamq.io.safetensors_write import Digest, TensorSpec, write_safetensors_t
 from streamq.recipe import Plan, Recipe
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+ROUTED_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj$")
 SIDE_FILES = (
     "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
     "tokenizer.model",
+    "tiktoken.model",
     "special_tokens_map.json",
     "chat_template.jinja",
 )
@@ -63,7 +66,9 @@ def kept_fp8(plan: Plan) -> KeepFp8:
 
 
 def stored_dtype(reader: CheckpointReader, name: str) -> torch.dtype:
-    """The dtype a tensor is written in when not quantized: as stored, FP8 dequantized to bf16."""
+    """The dtype a tensor is written in when not quantized: as stored, FP8 and packed Linears dequantized to bf16."""
+    if name in reader.packed:
+        return torch.bfloat16
     dtype = reader.info(name).dtype
     return torch.bfloat16 if dtype in FP8_DTYPES else dtype
 
@@ -80,18 +85,29 @@ def plan_tensors(
     keep_fp8: KeepFp8 = _never,
     dtype: torch.dtype = torch.bfloat16,
     overrides: Mapping[str, torch.Tensor] | None = None,
+    keep_experts: bool = False,
 ) -> dict[str, tuple[TensorSpec, Producer]]:
     """What to write for the source tensors ``names``: for the ``quantized`` modules (their packed layout) the
     tensors in ``packed`` (with several processes, only this rank's modules are there), FP8 weights kept as
-    shipped (the modules ``keep_fp8`` names) or dequantized to ``dtype``, everything else as stored, except the
-    ``overrides`` (tensors AWQ changed by folding its scales, written as given)."""
+    shipped (the modules ``keep_fp8`` names) or dequantized to ``dtype``, routed experts a source ships packed
+    copied byte for byte (``keep_experts``) or dequantized, everything else as stored, except the ``overrides``
+    (tensors AWQ changed by folding its scales, written as given)."""
     overrides = overrides or {}
     plan: dict[str, tuple[TensorSpec, Producer]] = {}
     for name in names:
         if name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) in reader:
             continue
+        packed_module = name.rsplit(".", 1)[0]
+        if packed_module + ".weight" in reader.packed and keep_experts and ROUTED_EXPERT.search(packed_module):
+            info = reader.infos[name]
+            plan[name] = (TensorSpec(name, info.dtype, info.shape), lambda n=name: reader.raw(n))
+            continue
+        if packed_module + ".weight" in reader.packed:
+            if not name.endswith(".weight_packed"):
+                continue  # a packed Linear's other tensors travel with its weight_packed
+            name = packed_module + ".weight"  # the Linear as the model sees it
         module = name.removesuffix(".weight")
-        info = reader.infos[name]
+        info = reader.infos.get(name)
         if name in overrides:
             tensor = overrides[name]
             plan[name] = (TensorSpec(name, tensor.dtype, tuple(tensor.shape)), lambda t=tensor: t)
@@ -99,6 +115,8 @@ def plan_tensors(
             for suffix, (tensor_dtype, shape) in quantized[module].items():
                 full = f"{module}.{suffix}"
                 plan[full] = (TensorSpec(full, tensor_dtype, shape), lambda m=module, x=suffix: packed[m][x])
+        elif info is None:  # a packed source Linear left unquantized: dequantized, like FP8
+            plan[name] = (TensorSpec(name, dtype, reader.shape(name)), lambda n=name: reader.weight(n, "cpu", dtype))
         elif info.dtype in FP8_DTYPES and keep_fp8(module):
             scale_info = reader.infos[name + SCALE_SUFFIX]
             plan[name] = (TensorSpec(name, info.dtype, info.shape), lambda n=name: reader.raw(n))
@@ -181,12 +199,25 @@ def write_config(out_dir: Path, reader: CheckpointReader, recipe: Recipe) -> Non
         ignore=ignore_list(reader.config, plan),
         fp8_extra=[INDEXER_FP8] if indexer_in_fp8(reader.config, plan) else [],
         fp8_block=reader.config.fp8_block or (128, 128),
+        kept_experts=kept_expert_weights(reader) if plan.kept("keep") else None,
     )
     cfg["torch_dtype"] = "bfloat16"
     write_atomic(out_dir / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def kept_expert_weights(reader: CheckpointReader) -> dict[str, Any]:
+    """The source config group's ``weights`` of the routed experts kept as shipped (the preflight checked that
+    one group holds them all), declared again as the source declares it."""
+    cfg = reader.config
+    layer = next(i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
+    assert reader.compressed is not None
+    scheme = reader.compressed.scheme_of(f"{reader.layer_prefix(layer)}mlp.experts.0.gate_proj")
+    return dict(reader.compressed.raw["config_groups"][scheme.group]["weights"])
+
+
 def copy_side_files(model_dir: Path, out_dir: Path) -> None:
-    for name in SIDE_FILES:
+    # A tiktoken tokenizer's Python file (tokenization_kimi.py) is part of the tokenizer for transformers users.
+    code = sorted(p.name for p in Path(model_dir).glob("tokenization_*.py"))
+    for name in (*SIDE_FILES, *code):
         if (Path(model_dir) / name).is_file():
             shutil.copyfile(Path(model_dir) / name, out_dir / name)

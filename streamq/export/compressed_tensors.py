@@ -241,11 +241,15 @@ def plan_quantization_config(
     ignore: list[str],
     fp8_block: tuple[int, int] = (128, 128),
     fp8_extra: list[str] | None = None,
+    kept_experts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``quantization_config`` of a run's plan: one group per quantized scheme (targets: its families), one
     FP8 block group for the families kept in FP8 and the ``fp8_extra`` targets that travel with them (see the
-    module docstring)."""
-    groups = [
+    module docstring). ``kept_experts``: the ``weights`` arguments of routed experts copied as a pack-quantized
+    source ships them; they get the first group (transformers reads the experts' scheme from the first group
+    naming "experts")."""
+    groups = [_kept_group(kept_experts)] if kept_experts is not None else []
+    groups += [
         _quantized_group(scheme, replace(solver_cfg, scheme=scheme), family_targets(families))
         for scheme, families in plan.by_scheme().items()
     ]
@@ -286,6 +290,16 @@ def _quantized_group(scheme: QuantScheme, solver_cfg: SolverConfig, targets: lis
             "dynamic": False,
             "observer": solver_cfg.observer,
         },
+        "input_activations": None,
+        "output_activations": None,
+    }
+
+
+def _kept_group(weights: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "targets": [ROUTED_EXPERTS],
+        "format": PACK_QUANTIZED,
+        "weights": dict(weights),
         "input_activations": None,
         "output_activations": None,
     }

@@ -1,4 +1,8 @@
-"""Reading compressed-tensors checkpoints (streamq's own output) back as dense weights.
+"""Reading compressed-tensors checkpoints (streamq's own output) back as dense weights, without the config.
+
+The checkpoint reader dequantizes packed Linears through compressed-tensors' own compressor and the config's
+groups (streamq/io/source_quant.py); ``int_bits`` and ``dequantize_packed`` remain for tools that hold bare
+tensors (bench/peers.py).
 
 A pack-quantized Linear is stored as ``weight_packed`` + ``weight_scale`` (+ ``weight_zero_point``) +
 ``weight_shape``; the reader exposes it under its plain ``weight`` name and dequantizes on read, so the same

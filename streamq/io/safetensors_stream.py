@@ -25,7 +25,8 @@ import torch
 
 from streamq.config import ModelConfig
 from streamq.errors import StreamqError
-from streamq.io.packed import dequantize_packed, int_bits, packed_bits
+from streamq.io.packed import int_bits
+from streamq.io.source_quant import CompressedSource, logical_shape
 from streamq.kernels.fp8_blocks import dequant_fp8_blocks
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -170,7 +171,9 @@ class CheckpointReader:
         self.infos = _index_tensors(self.dir)
         self.infos.update(_fused_expert_views(self.infos))
         self._maps: dict[Path, _MappedFile] = {}
-        # Quantized output of streamq: packed modules read back under their dense weight name.
+        # Packed Linears (a compressed-tensors source such as Kimi-K2-Thinking's INT4 experts, or streamq's own
+        # output), read under their dense weight name.
+        self.compressed = CompressedSource.from_config(self.config.raw, str(self.dir / "config.json"))
         self.packed_bits = int_bits(self.config.raw)
         self.packed = {n.removesuffix("_packed") for n in self.infos if n.endswith(".weight_packed")}
 
@@ -218,24 +221,34 @@ class CheckpointReader:
         return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
     def _unpack(self, name: str, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
-        if self.packed_bits is None:
-            raise StreamqError(f"{self.dir / 'config.json'}: packed weights but no integer quantization_config group")
-        packed, zero = self.infos[name + "_packed"], name + "_zero_point"
-        shape = self.raw(name + "_shape") if packed.dtype == torch.int32 else None  # FP4 Linears have none
-        bits = None if shape is None else packed_bits(packed.shape[-1], int(shape[-1]), self.packed_bits)
-        if shape is None or bits is None:
+        module = name.removesuffix(".weight")
+        if self.compressed is None:
             raise StreamqError(
-                f"{packed.file}: {packed.name} is not integer pack-quantized (an FP4 Linear?); streamq reads integer "
-                "outputs only: score FP4 through a dense copy (bench/formats.py)"
+                f"{self.infos[name + '_packed'].file}: {module} has packed weights but config.json has no "
+                "compressed-tensors quantization_config; download the config that belongs to these weights"
             )
-        return dequantize_packed(
-            self.raw(name + "_packed", device),
-            self.raw(name + "_scale", device),
-            shape,
-            self.raw(zero, device) if zero in self.infos else None,
-            bits,
-            dtype,
-        )
+        tensors = {}
+        for part in self.compressed.scheme_of(module).components():
+            tensor_name = f"{module}.{part}"
+            if tensor_name not in self.infos:
+                raise StreamqError(
+                    f"{self.infos[name + '_packed'].file}: packed Linear {module} has no {tensor_name}; "
+                    "download the complete checkpoint"
+                )
+            tensors[part] = self.raw(tensor_name, "cpu" if part == "weight_shape" else device)
+        return self.compressed.dequantize(module, tensors).to(dtype)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of ``name`` as the model sees it: a packed Linear's dense [out, in], from the headers."""
+        if name not in self.packed:
+            return self.info(name).shape
+        module = name.removesuffix(".weight")
+        if self.compressed is None:
+            return tuple(int(d) for d in self.raw(name + "_shape").tolist())
+        scheme = self.compressed.scheme_of(module)
+        if not scheme.group_size and name + "_shape" in self.infos:
+            return tuple(int(d) for d in self.raw(name + "_shape").tolist())
+        return logical_shape(scheme, self.info(name + "_packed").shape, self.info(name + "_scale").shape)
 
     def load_prefix(
         self,
