@@ -61,7 +61,7 @@ def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *ar
 def test_user_errors_are_one_line_without_traceback(tmp_path: Path, monkeypatch, capsys) -> None:
     code, err = cli(monkeypatch, capsys, "synth", str(tmp_path / "m"), "--preset", "huge")
     assert code == 2
-    assert err.strip() == "error: --preset huge: unknown; choose one of tiny, v3"
+    assert err.strip() == "error: --preset huge: unknown; choose one of tiny, v2-lite, kimi-k2, v3"
 
 
 def test_an_unreachable_hub_model_is_a_clear_error(tmp_path: Path, monkeypatch, capsys) -> None:
