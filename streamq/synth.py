@@ -258,11 +258,31 @@ def fit_routing(cfg: dict[str, object], experts: int) -> dict[str, int]:
     return {"n_routed_experts": experts, "num_experts_per_tok": top_k, "n_group": groups, "topk_group": topk_group}
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tiktoken.model", "tokenizer_config.json")
+
+
 def tokenizer_vocab_size(tokenizer_dir: Path) -> int:
-    """Ids used by tokenizer.json (base vocabulary and added tokens), rounded up to a multiple of 128."""
-    tok = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text())
-    ids = list(tok["model"]["vocab"].values()) + [t["id"] for t in tok.get("added_tokens", [])]
+    """Ids the tokenizer uses (base vocabulary and added tokens), rounded up to a multiple of 128: from
+    tokenizer.json, or from a tiktoken model (one ``base64-token rank`` line per token, as Kimi-K2 ships) and the
+    added tokens of tokenizer_config.json."""
+    ids = _tokenizer_ids(Path(tokenizer_dir))
     return -(-(max(ids) + 1) // 128) * 128
+
+
+def _tokenizer_ids(tokenizer_dir: Path) -> list[int]:
+    if (tokenizer_dir / "tokenizer.json").is_file():
+        tok = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+        return list(tok["model"]["vocab"].values()) + [t["id"] for t in tok.get("added_tokens", [])]
+    if (tokenizer_dir / "tiktoken.model").is_file():
+        lines = (tokenizer_dir / "tiktoken.model").read_text().split("\n")
+        ids = [int(line.split()[1]) for line in lines if line.strip()]
+        config = tokenizer_dir / "tokenizer_config.json"
+        added = json.loads(config.read_text()).get("added_tokens_decoder", {}) if config.is_file() else {}
+        return ids + [int(i) for i in added]
+    raise StreamqError(
+        f"--tokenizer {tokenizer_dir}: has neither tokenizer.json nor tiktoken.model; pass the directory of a "
+        "model's tokenizer files"
+    )
 
 
 # -- what the checkpoint holds -------------------------------------------------------------------------------
@@ -457,8 +477,9 @@ def write_release_checkpoint(
     generation = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "do_sample": True}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if tokenizer_dir is not None:
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
     return out_dir
 
 

@@ -397,3 +397,31 @@ def test_streamq_run_quantizes_the_preset_and_transformers_loads_it(preset: str,
     with torch.no_grad():
         theirs = loaded.float()(input_ids=ids).logits.float()
     assert rel_err(ours, theirs) < 1e-3
+
+
+def test_kimi_synth_takes_its_vocabulary_from_a_tiktoken_tokenizer(tmp_path: Path) -> None:
+    """Kimi-K2 ships a tiktoken model (``base64-token rank`` per line) and its special tokens in
+    tokenizer_config.json; the synthetic model's vocabulary covers both, and the files travel with it."""
+    import base64
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    ranks = "".join(f"{base64.b64encode(f't{i}'.encode()).decode()} {i}\n" for i in range(3000))
+    (tok / "tiktoken.model").write_text(ranks)
+    (tok / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"3100": {"content": "[BOS]"}}}))
+    opts = SynthOptions(preset="kimi-k2", num_layers=1, dense_layers=1, tokenizer_dir=tok, shards=1)
+    model = write_synthetic_checkpoint(tmp_path / "m", opts)
+    assert ModelConfig.load(model).vocab_size == 3200  # ids 0..3100, rounded up to 128
+    assert (model / "tiktoken.model").read_text() == ranks
+    with pytest.raises(StreamqError, match=r"has neither tokenizer\.json nor tiktoken\.model"):
+        synth_config(SynthOptions(preset="kimi-k2", tokenizer_dir=tmp_path / "m" / "nothing"))
+
+
+def test_the_output_keeps_a_tiktoken_tokenizer(tmp_path: Path) -> None:
+    from streamq.export.checkpoint import copy_side_files
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "model" / "tiktoken.model").write_text("dA== 0\n")
+    copy_side_files(tmp_path / "model", tmp_path / "out")
+    assert (tmp_path / "out" / "tiktoken.model").read_text() == "dA== 0\n"
