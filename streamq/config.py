@@ -1,8 +1,11 @@
-"""The model's shape, read from a checkpoint's config.json.
+"""The model's shape and routing, read from a checkpoint's config.json.
 
-Both config styles are accepted: DeepSeek's release (``rope_scaling``, ``rope_theta``) and transformers 5
-(``rope_parameters``, ``rope_interleave``). Nothing here is a default for DeepSeek-V3 itself: every
-checkpoint fact comes from the file.
+The architecture is config.json's ``architectures`` / ``model_type`` (DeepSeek-V2 and V2-Lite, V3 and R1, V3.2,
+Kimi-K2), never the model's name; the router is its ``scoring_func`` + ``topk_method`` pair, checked against the
+pairs the native Gate implements. Both config styles are accepted: DeepSeek's release (``rope_scaling``,
+``rope_theta``) and transformers 5 (``rope_parameters``, ``rope_interleave``). Nothing here is a default for
+DeepSeek-V3 itself: every checkpoint fact comes from the file, and a field the file leaves out takes the default of
+its family's reference configuration code.
 """
 
 from __future__ import annotations
