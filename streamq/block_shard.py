@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from streamq.distributed import Dist
-from streamq.export.checkpoint import plan_tensors, stored_dtype, write_shard
+from streamq.export.checkpoint import keeps_fp8, plan_tensors, stored_dtype, write_shard
 from streamq.export.compressed_tensors import packed_layout
 from streamq.groups import linear_groups
 from streamq.io.safetensors_stream import CheckpointReader
@@ -41,7 +41,7 @@ def write_block_shard(
         for m in members
     }
     packed = {prefix + module: tensors for module, tensors in solved.packed.items()}
-    keep_fp8 = recipe.unquantized == "fp8" and bool(reader.config.fp8_block)
+    keep_fp8 = keeps_fp8(reader.config, recipe)
     params = dict(block.named_parameters())
     overrides = {
         prefix + name: params[name].data.to(stored_dtype(reader, prefix + name)).cpu()

@@ -51,6 +51,21 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class IndexerConfig:
+    """DeepSeek-V3.2's lightning indexer (DeepSeek Sparse Attention): each query attends only to the ``topk`` keys
+    the indexer scores highest. Field names as in the release's config.json (``index_n_heads``, ``index_head_dim``,
+    ``index_topk``); ``scale_fmt`` is its ``quantization_config.scale_fmt`` ("ue8m0": the indexer's FP8 activation
+    scales are powers of two), ``rope_interleave`` its ``indexer_rope_interleave`` where present (GLM-MoE-DSA
+    configs carry it; V3.2's config has none: its indexer rotates half-split pairs, unlike its MLA)."""
+
+    n_heads: int
+    head_dim: int
+    topk: int
+    scale_fmt: str | None = None
+    rope_interleave: bool = False
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
     hidden_size: int
@@ -80,6 +95,7 @@ class ModelConfig:
     topk_method: str = "noaux_tc"
     tie_word_embeddings: bool = False
     fp8_block: tuple[int, int] | None = None
+    indexer: IndexerConfig | None = None  # DeepSeek-V3.2's sparse attention; None for dense-attention models
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -230,8 +246,35 @@ def _parse(cfg: dict[str, Any], family: str) -> ModelConfig:
         topk_method=topk_method,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         fp8_block=_parse_fp8(cfg.get("quantization_config")),
+        indexer=_parse_indexer(cfg),
         raw=cfg,
     )
+
+
+def _parse_indexer(cfg: dict[str, Any]) -> IndexerConfig | None:
+    """The indexer fields, present exactly when the model has DeepSeek Sparse Attention."""
+    if "index_topk" not in cfg and cfg.get("model_type") != "deepseek_v32":
+        return None
+    indexer = IndexerConfig(
+        n_heads=int(cfg["index_n_heads"]),
+        head_dim=int(cfg["index_head_dim"]),
+        topk=int(cfg["index_topk"]),
+        scale_fmt=(cfg.get("quantization_config") or {}).get("scale_fmt"),
+        rope_interleave=bool(cfg.get("indexer_rope_interleave", False)),
+    )
+    rope_dim = int(cfg["qk_rope_head_dim"])
+    if min(indexer.n_heads, indexer.topk) < 1:
+        raise ValueError(f"index_n_heads={indexer.n_heads}, index_topk={indexer.topk}; both must be positive")
+    # The indexer's Hadamard rotation needs a power of two, and its rotary part is the first qk_rope_head_dim.
+    if indexer.head_dim & (indexer.head_dim - 1) or indexer.head_dim < rope_dim:
+        raise ValueError(
+            f"index_head_dim={indexer.head_dim}; it must be a power of two of at least qk_rope_head_dim={rope_dim}"
+        )
+    if not cfg.get("q_lora_rank"):
+        raise ValueError("index_topk is set but q_lora_rank is not; the indexer's queries read the q LoRA latent")
+    if indexer.scale_fmt not in (None, "ue8m0"):
+        raise ValueError(f"quantization_config.scale_fmt={indexer.scale_fmt!r}; only ue8m0 (or none) is supported")
+    return indexer
 
 
 def _parse_rope(cfg: dict[str, Any]) -> RopeConfig:

@@ -52,9 +52,15 @@ def fold_sites(cfg: ModelConfig, layer: int, groups: list[LinearGroup]) -> list[
             sites.append(FoldSite(group.key, (group.key,), f"{group.mlp}.up_proj", None, (), group.expert))
     if any(g.role is Role.KV_B for g in groups):
         attention_readers = tuple(g.key for g in groups if g.role is Role.ATTENTION_INPUT)
-        sites.append(FoldSite("attention.input", attention_readers, "input_layernorm"))
+        # DeepSeek-V3.2's indexer reads the same inputs as q_a/kv_a (wk, weights_proj) and q_b (wq_b), unquantized.
+        indexer = cfg.indexer is not None
+        readers = ("self_attn.indexer.wk", "self_attn.indexer.weights_proj") if indexer else ()
+        sites.append(FoldSite("attention.input", attention_readers, "input_layernorm", None, readers))
         if cfg.q_lora_rank:
-            sites.append(FoldSite("self_attn.q_b_proj", ("self_attn.q_b_proj",), "self_attn.q_a_layernorm"))
+            readers = ("self_attn.indexer.wq_b",) if indexer else ()
+            sites.append(
+                FoldSite("self_attn.q_b_proj", ("self_attn.q_b_proj",), "self_attn.q_a_layernorm", None, readers)
+            )
         sites.append(FoldSite("self_attn.kv_b_proj", ("self_attn.kv_b_proj",), "self_attn.kv_a_layernorm"))
         sites.append(FoldSite("self_attn.o_proj", ("self_attn.o_proj",), "self_attn.kv_b_proj", _value_rows(cfg)))
     return sites

@@ -63,6 +63,10 @@ _COMMON = {
     "use_cache": True,
 }
 
+# DeepSeek-V3.2(-Exp) on top of a V3 preset: its config.json's architecture and indexer fields (index_n_heads is
+# half the attention heads, index_head_dim twice qk_rope_head_dim, as in the release).
+_V32 = {"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32"}
+
 PRESETS: dict[str, dict[str, object]] = {
     # Small enough for CPU tests, with dimensions that are and are not multiples of the FP8 block.
     "tiny": {
@@ -185,6 +189,10 @@ PRESETS: dict[str, dict[str, object]] = {
         "num_nextn_predict_layers": 1,
     },
 }
+# The tiny V3.2: index_topk 16, so that a CPU test's 32-token sequences already take the sparse path.
+PRESETS["v32"] = {**PRESETS["tiny"], **_V32, "index_n_heads": 2, "index_head_dim": 64, "index_topk": 16}
+# DeepSeek-V3.2's width: the release's config (index_n_heads 64, index_head_dim 128, index_topk 2048).
+PRESETS["v32-full"] = {**PRESETS["v3"], **_V32, "index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048}
 
 
 @dataclass(frozen=True)
@@ -227,6 +235,8 @@ def synth_config(opts: SynthOptions) -> dict[str, object]:
         "quant_method": "fp8",
         "weight_block_size": list(FP8_BLOCK),
     }
+    if "index_topk" in cfg:  # V3.2's release declares power-of-two activation scales (its indexer uses them)
+        cfg["quantization_config"]["scale_fmt"] = "ue8m0"
     return cfg
 
 
@@ -292,7 +302,7 @@ def _tokenizer_ids(tokenizer_dir: Path) -> list[int]:
 class _Tensor:
     name: str
     shape: tuple[int, ...]
-    kind: str  # "linear" (FP8 + scale), "dense" (bf16 weight), "norm", "bias", "embed"
+    kind: str  # "linear" (FP8 + scale), "dense" (bf16 weight), "norm", "shift" (a norm's bias), "bias", "embed"
 
     def specs(self) -> list[TensorSpec]:
         if self.kind == "linear":
@@ -352,6 +362,7 @@ def _block_tensors(cfg: dict, layer: int, p: str, bias: bool) -> list[_Tensor]:
         ),
         _Tensor(a + "o_proj.weight", (h, heads * int(cfg["v_head_dim"])), "linear"),
         _Tensor(p + "post_attention_layernorm.weight", (h,), "norm"),
+        *_indexer_tensors(cfg, a + "indexer."),
     ]
     if layer < int(cfg["first_k_dense_replace"]) or int(cfg["n_routed_experts"]) == 0:
         return out + _mlp_tensors(p + "mlp.", h, int(cfg["intermediate_size"]))
@@ -364,6 +375,20 @@ def _block_tensors(cfg: dict, layer: int, p: str, bias: bool) -> list[_Tensor]:
     if int(cfg["n_shared_experts"]):
         out += _mlp_tensors(p + "mlp.shared_experts.", h, inter * int(cfg["n_shared_experts"]))
     return out
+
+
+def _indexer_tensors(cfg: dict, p: str) -> list[_Tensor]:
+    """DeepSeek-V3.2's indexer, as its release stores it: wq_b and wk in FP8 blocks, the rest bf16."""
+    if "index_topk" not in cfg:
+        return []
+    h, heads, dim = int(cfg["hidden_size"]), int(cfg["index_n_heads"]), int(cfg["index_head_dim"])
+    return [
+        _Tensor(p + "wq_b.weight", (heads * dim, int(cfg["q_lora_rank"])), "linear"),
+        _Tensor(p + "wk.weight", (dim, h), "linear"),
+        _Tensor(p + "k_norm.weight", (dim,), "norm"),
+        _Tensor(p + "k_norm.bias", (dim,), "shift"),
+        _Tensor(p + "weights_proj.weight", (heads, h), "dense"),
+    ]
 
 
 def _mlp_tensors(p: str, hidden: int, inter: int) -> list[_Tensor]:
@@ -411,7 +436,7 @@ def random_slabs(seed: int, device: str) -> Slabs:
         gen = torch.Generator(device).manual_seed(zlib.crc32(tensor.name.encode()) ^ (seed * 0x9E3779B1 % 2**31))
         if len(tensor.shape) == 1:
             noise = torch.randn(tensor.shape, generator=gen, device=device)
-            yield 0.05 * noise if tensor.kind == "bias" else 1.0 + 0.1 * noise
+            yield 0.05 * noise if tensor.kind in ("bias", "shift") else 1.0 + 0.1 * noise
             return
         rows, cols = tensor.shape
         std = 1.0 if tensor.kind == "embed" else cols**-0.5

@@ -16,7 +16,14 @@ import torch
 
 from streamq.config import ModelConfig
 from streamq.distributed import SINGLE, Dist
-from streamq.export.compressed_tensors import fp8_passthrough_targets, mtp_ignore, quantization_config
+from streamq.export.compressed_tensors import (
+    INDEXER_BF16,
+    INDEXER_FP8,
+    INDEXER_LINEARS,
+    fp8_passthrough_targets,
+    mtp_ignore,
+    quantization_config,
+)
 from streamq.export.vllm_contract import vllm_config
 from streamq.io.atomic import write_atomic
 from streamq.io.safetensors_stream import INDEX_NAME, SCALE_SUFFIX, CheckpointReader, read_header
@@ -128,19 +135,36 @@ def ignore_list(cfg: ModelConfig, recipe: Recipe, keep_fp8: bool) -> list[str]:
     ignore = ["lm_head", r"re:.*mlp\.gate$", *mtp_ignore(cfg.num_hidden_layers, cfg.num_nextn_predict_layers)]
     if recipe.scope == "experts" and not keep_fp8:
         ignore += [r"re:.*self_attn\..*", r"re:.*mlp\.(shared_experts\.)?(gate|up|down)_proj$"]
+    if cfg.indexer is not None:
+        ignore.append(INDEXER_BF16 if keep_fp8 else INDEXER_LINEARS)
     return ignore
+
+
+def keeps_fp8(cfg: ModelConfig, recipe: Recipe) -> bool:
+    """Whether the unquantized FP8 Linears keep the source's blocks (``--unquantized fp8``): only with ``--scope
+    experts``. With ``--scope all`` the only unquantized FP8 Linears left are DeepSeek-V3.2's indexer wq_b and wk,
+    and an FP8 group for them alone would become transformers' scheme for every non-expert module (it takes the
+    first group whose targets do not name the experts), so they are written in bf16 instead."""
+    return recipe.unquantized == "fp8" and cfg.fp8_block is not None and recipe.scope == "experts"
+
+
+def fp8_targets(cfg: ModelConfig, recipe: Recipe, keep_fp8: bool) -> list[str]:
+    """The FP8 group's targets: the Linears outside the scope and DeepSeek-V3.2's indexer wq_b / wk, as shipped."""
+    if not keep_fp8:
+        return []
+    return fp8_passthrough_targets(recipe.scope) + ([INDEXER_FP8] if cfg.indexer is not None else [])
 
 
 def write_config(out_dir: Path, reader: CheckpointReader, recipe: Recipe) -> None:
     """The source config with every attribute vLLM reads set to what streamq computed with (the vLLM contract:
     ``streamq/export/vllm_contract.py``) and its FP8 quantization_config replaced by the compressed-tensors one."""
     cfg = vllm_config(reader.config, reader.infos)
-    keep_fp8 = recipe.unquantized == "fp8" and reader.config.fp8_block is not None
+    keep_fp8 = keeps_fp8(reader.config, recipe)
     cfg["quantization_config"] = quantization_config(
         recipe.scheme,
         recipe.solver,
         ignore=ignore_list(reader.config, recipe, keep_fp8),
-        fp8_targets=fp8_passthrough_targets(recipe.scope) if keep_fp8 else None,
+        fp8_targets=fp8_targets(reader.config, recipe, keep_fp8) or None,
         scope=recipe.scope,
         fp8_block=reader.config.fp8_block or (128, 128),
     )

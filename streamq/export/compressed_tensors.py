@@ -97,6 +97,11 @@ ROUTED_EXPERTS = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"
 # Dense MLPs and shared experts; deliberately free of the word "experts" (see the module docstring).
 DENSE_MLPS = r"re:.*mlp\.(shared_\w+\.)?(gate|up|down)_proj$"
 ATTENTION = r"re:.*self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)$"
+# DeepSeek-V3.2's indexer is never quantized (it only ranks keys, and no loader has a scheme for it): its Linears
+# are ignored, except wq_b and wk when they keep the source's FP8 blocks (they then join the FP8 group).
+INDEXER_LINEARS = r"re:.*self_attn\.indexer\.(wq_b|wk|weights_proj)$"
+INDEXER_FP8 = r"re:.*self_attn\.indexer\.(wq_b|wk)$"
+INDEXER_BF16 = r"re:.*self_attn\.indexer\.weights_proj$"
 
 _NO_GROUP_ACTORDER = (
     'actorder "group" (a g_idx that permutes groups) cannot be exported: compressed-tensors 0.20 removed it; '

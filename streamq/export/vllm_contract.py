@@ -91,6 +91,10 @@ def _yarn(value: Callable[[RopeConfig], Any]) -> Derive:
     return lambda cfg, _names: value(cfg.rope) if cfg.rope.kind == "yarn" else ABSENT
 
 
+def _index(name: str) -> Derive:
+    return lambda cfg, _names: getattr(cfg.indexer, name) if cfg.indexer is not None else ABSENT
+
+
 def bias_name(layer: int) -> str:
     return f"model.layers.{layer}.mlp.gate.e_score_correction_bias"
 
@@ -272,7 +276,17 @@ ATTRIBUTES: tuple[Attribute, ...] = tuple(
             lambda _cfg, _n: "float32",
         ),
         # -- attention variants streamq does not compute --
-        (("index_topk",), A, A, _DS + " hasattr: DeepSeek-V3.2 sparse attention", "absent", _never),
+        # -- DeepSeek-V3.2's sparse attention (vLLM builds the indexer when index_topk is present) --
+        (
+            ("index_topk",),
+            A,
+            A,
+            _DS + " hasattr: DeepSeek-V3.2 sparse attention",
+            "source; absent without",
+            _index("topk"),
+        ),
+        (("index_n_heads",), A, A, _DS + " Indexer (V3.2 only)", "source; absent without", _index("n_heads")),
+        (("index_head_dim",), A, A, _DS + " Indexer (V3.2 only)", "source; absent without", _index("head_dim")),
         (("llama_4_scaling",), None, A, _DS + " DeepseekV2Model getattr", "absent", _never),
         # -- rope: keys of the rope_parameters transformers builds, as vLLM reads them --
         (

@@ -22,9 +22,11 @@ from torch import nn
 from streamq.config import ModelConfig, yarn_mscale
 from streamq.errors import StreamqError
 from streamq.io.safetensors_stream import CheckpointReader
+from streamq.model.indexer import Indexer
 
 # Tensors of a multi-token-prediction layer that are not part of its transformer block.
 MTP_EXTRAS = ("embed_tokens.", "enorm.", "hnorm.", "eh_proj.", "shared_head.")
+MASKED_CHUNK_ELEMENTS = 1 << 28  # attention scores per query chunk under a sparse-attention mask (512 MiB in bf16)
 
 
 class RMSNorm(nn.Module):
@@ -93,7 +95,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 
 class MLA(nn.Module):
-    """Multi-head latent attention, in its plain (non-absorbed) form: causal SDPA over full keys and values."""
+    """Multi-head latent attention, in its plain (non-absorbed) form: causal SDPA over full keys and values.
+    DeepSeek-V3.2 adds an indexer (``streamq/model/indexer.py``) that restricts each query to index_topk keys."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -109,12 +112,16 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(heads * cfg.v_head_dim, h, bias=False)
+        self.indexer = Indexer(cfg) if cfg.indexer else None
+        # The indexer's RoPE has unit modulus (the release's freqs_cis); the tables passed in carry YaRN's factor.
+        self.rope_factor = rope_frequencies(cfg)[1] if cfg.indexer else 1.0
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         b, s, _ = x.shape
         heads, nope, rope_dim = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if cfg.q_lora_rank else self.q_proj(x)
+        q_latent = self.q_a_layernorm(self.q_a_proj(x)) if cfg.q_lora_rank else None
+        q = self.q_b_proj(q_latent) if q_latent is not None else self.q_proj(x)
         q_nope, q_pe = q.view(b, s, heads, cfg.qk_head_dim).split([nope, rope_dim], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, rope_dim], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(b, s, heads, nope + cfg.v_head_dim)
@@ -126,8 +133,31 @@ class MLA(nn.Module):
         # Values padded with zeros to the query/key head size: flash attention needs one head size, and without
         # it SDPA may fall back to materialising [batch, heads, seq, seq] scores (34 GB at DeepSeek-V3 width).
         v = F.pad(v, (0, max(0, cfg.qk_head_dim - cfg.v_head_dim))).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.softmax_scale)[..., : cfg.v_head_dim]
+        keep = None
+        if self.indexer is not None:
+            keep = self.indexer.keep_mask(x, q_latent, cos / self.rope_factor, sin / self.rope_factor)
+        if keep is None:  # every causal key: always without an indexer, and with one up to index_topk keys
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.softmax_scale)
+        else:
+            out = masked_attention(q, k, v, keep, cfg.softmax_scale)
+        out = out[..., : cfg.v_head_dim]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, heads * cfg.v_head_dim))
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """SDPA over the keys ``keep`` [B, 1, S, S] marks, a chunk of queries at a time: with a mask no flash kernel
+    applies, and a fallback that materialises the scores then holds at most MASKED_CHUNK_ELEMENTS of them."""
+    b, heads, seq, _ = q.shape
+    step = max(1, MASKED_CHUNK_ELEMENTS // (b * heads * seq))
+    return torch.cat(
+        [
+            F.scaled_dot_product_attention(q[:, :, t : t + step], k, v, attn_mask=keep[:, :, t : t + step], scale=scale)
+            for t in range(0, seq, step)
+        ],
+        dim=2,
+    )
 
 
 # -- feed-forward ------------------------------------------------------------------------------------------------
