@@ -242,8 +242,8 @@ def synth_config(opts: SynthOptions) -> dict[str, object]:
 
 def transformers5_style(cfg: dict[str, Any]) -> dict[str, Any]:
     """``cfg`` as transformers 5 writes it: the rope in ``rope_parameters`` (theta inside), ``rope_interleave``,
-    and no ``scoring_func`` (neither DeepseekV2Config nor DeepseekV3Config declares it) nor, but for V2 (whose
-    config declares it), ``topk_method``."""
+    no ``scoring_func`` (neither DeepseekV2Config nor DeepseekV3Config declares it), and no ``topk_method`` except
+    for V2 (DeepseekV2Config declares it)."""
     legacy = ("rope_scaling", "rope_theta", "scoring_func")
     if cfg.get("model_type") != "deepseek_v2":
         legacy += ("topk_method",)
