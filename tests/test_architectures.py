@@ -98,7 +98,14 @@ V3 = {
     "routed_scaling_factor": 2.5,
     "first_k_dense_replace": 3,
 }
-V32 = {**V3, "architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32"}
+V32 = {
+    **V3,
+    "architectures": ["DeepseekV32ForCausalLM"],
+    "model_type": "deepseek_v32",
+    "index_n_heads": 64,
+    "index_head_dim": 128,
+    "index_topk": 2048,
+}
 
 
 def routing(cfg: ModelConfig) -> tuple[Any, ...]:
