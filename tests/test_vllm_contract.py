@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from hf_reference import hf_classes
 
 from streamq.config import ModelConfig
 from streamq.data import DataConfig
@@ -55,6 +56,8 @@ SOURCES = {
     "v2-group-limited": SynthOptions(
         preset="v2-lite", **SYNTH, overrides={**V2_GROUPED, "routed_scaling_factor": 16.0}
     ),
+    # Kimi-K2's routing (one group, scaling 2.827) under model_type kimi_k2, with 48 of its 384 experts.
+    "kimi-k2": SynthOptions(preset="kimi-k2", **SYNTH, experts=48),
 }
 RECIPE = Recipe(method="rtn", data=DataConfig(num_samples=2, seq_len=16))
 OPTIONS = RunOptions(device="cpu", dtype="float32", token_budget=32)
@@ -292,8 +295,13 @@ def test_transformers_loads_the_transformers5_style_output_and_matches_streamq(s
     reader = CheckpointReader(out)
     ids = torch.randint(0, reader.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     ours = forward_blocks(reader, ids, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(
-        out, quantization_config=CompressedTensorsConfig(dequantize=True), dtype=torch.float32
+    written = json.loads((out / "config.json").read_text())
+    model_class, config = AutoModelForCausalLM, None
+    if written["model_type"] == "kimi_k2":  # unknown to transformers: load through the classes its config names
+        config_class, model_class = hf_classes(written)
+        config = config_class.from_dict({k: v for k, v in written.items() if k != "model_type"})
+    model = model_class.from_pretrained(
+        out, config=config, quantization_config=CompressedTensorsConfig(dequantize=True), dtype=torch.float32
     )
     model.config._attn_implementation = "eager"
     model.float()
