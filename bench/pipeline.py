@@ -33,6 +33,7 @@ import torch
 from streamq.config import ModelConfig
 from streamq.report import REPORT_NAME
 from streamq.synth import SynthOptions, write_synthetic_checkpoint
+from streamq.tui import EVENTS_FILENAME
 
 STAGES = ("load", "calibrate", "solve", "write", "propagate")
 PER_TOKEN = ("calibrate", "propagate")
@@ -40,6 +41,13 @@ FULL_DENSE, FULL_MOE, FULL_TOKENS = 3, 58, 512 * 4096
 # Rates the floors are computed with, measured on an H200 by bench/profile_forward.py (2026-11-30): an 8192³ bf16
 # matrix product, and the disk write rate seen by fsync-ed activation files; the solver's own time per expert
 # (gate/up tied + down) from bench/gptq.py (bench/RESULTS.md, issue 3).
+# `streamq run` in a process that may allocate at most argv[1] GiB on its GPU (a smaller card's memory; the plan's
+# budget still comes from --memory-budget-gb, since the driver reports the real card's free memory).
+_CAPPED = (
+    "import sys, torch; gib = float(sys.argv.pop(1)); "
+    "torch.cuda.set_per_process_memory_fraction(gib * 2**30 / torch.cuda.get_device_properties(0).total_memory); "
+    "from streamq.cli import main; sys.argv[0] = 'streamq'; main()"
+)
 BF16_FLOPS = 780e12
 DISK_WRITE_BPS = 2.4e9
 SOLVER_S_PER_EXPERT = (3.52 + 1.55) * 1e-3
@@ -59,6 +67,13 @@ def main() -> None:
     parser.add_argument("--gpus", default="1", help="comma-separated process counts to measure, e.g. 1,2")
     parser.add_argument("--json", type=Path, default=None, help="write the measurements here")
     parser.add_argument("--out", type=Path, default=None, help="where OUT goes (default: WORK/out-N)")
+    parser.add_argument("--memory-budget-gb", type=float, default=None, help="streamq run's memory budget")
+    parser.add_argument(
+        "--device-memory-gib",
+        type=float,
+        default=None,
+        help="cap what the run may allocate on the GPU (one process), e.g. 79.6 for an 80 GB card",
+    )
     args = parser.parse_args()
 
     model = args.work / "model"
@@ -86,19 +101,24 @@ def main() -> None:
     for gpus in (int(g) for g in args.gpus.split(",")):
         results["runs"][gpus] = measure(args, model, gpus)
         print_table(results["runs"][gpus], gpus, results["tokens"], results["device"], results["floors"])
+        if args.json:  # after each GPU count: a run cut short keeps what it measured
+            args.json.write_text(json.dumps(results, indent=2))
     if len(results["runs"]) > 1:
         print_speedup(results["runs"])
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
 
 
 def measure(args: argparse.Namespace, model: Path, gpus: int) -> dict:
     out = (args.out or args.work) / f"out-{gpus}"
     shutil.rmtree(out, ignore_errors=True)
+    launcher = ["-m", "streamq"]
+    if args.device_memory_gib is not None:
+        if gpus != 1:
+            raise SystemExit("--device-memory-gib caps one process: use it with --gpus 1")
+        launcher = ["-c", _CAPPED, str(args.device_memory_gib)]
+    budget = [] if args.memory_budget_gb is None else ["--memory-budget-gb", str(args.memory_budget_gb)]
     cmd = [
         sys.executable,
-        "-m",
-        "streamq",
+        *launcher,
         "run",
         str(model),
         str(out),
@@ -114,6 +134,7 @@ def measure(args: argparse.Namespace, model: Path, gpus: int) -> dict:
         "plain",
         "--gpus",
         str(gpus),
+        *budget,
     ]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -121,14 +142,30 @@ def measure(args: argparse.Namespace, model: Path, gpus: int) -> dict:
     if proc.wait():
         raise SystemExit(f"streamq run failed with exit status {proc.returncode}")
     seconds = time.perf_counter() - start
-    blocks = json.loads((out / REPORT_NAME).read_text())["blocks"]
+    report = json.loads((out / REPORT_NAME).read_text())
+    blocks = report["blocks"]
+    done = _block_done_seconds(out / EVENTS_FILENAME)
+    for b in blocks:
+        b["done_seconds"] = done.get(b["layer"])
     shutil.rmtree(out, ignore_errors=True)  # the next GPU count needs the room
     return {
         "run_seconds": seconds,
         "peak_rss_gib": peak.stop() / 2**30,
+        "memory_plan": report.get("memory_plan"),
         "blocks": blocks,
         "extrapolation": extrapolate(blocks, args.samples * args.seq_len),
     }
+
+
+def _block_done_seconds(events: Path) -> dict[int, float]:
+    """Each block's time as the live display measures it: from its first event to ``block done`` (the report's
+    ``wall_seconds`` stops before the manifest update and the removal of the block's input activations)."""
+    done: dict[int, float] = {}
+    for line in events.read_text().splitlines() if events.is_file() else []:
+        event = json.loads(line)
+        if event.get("event") == "block_done":
+            done[event["block"]] = event["seconds"]
+    return done
 
 
 class PeakRss:
@@ -212,14 +249,19 @@ def floors(cfg: ModelConfig, samples: int, seq: int, kind: str) -> dict[str, flo
 
 
 def extrapolate(blocks: list[dict], tokens: int) -> dict[str, float]:
-    """Seconds for the full model: per kind of block, fixed stages as measured, per-token stages scaled."""
+    """Seconds for the full model. At the full token count: the blocks' measured times (stages and what lies
+    between them, start to ``block done``), per kind. At fewer tokens an estimate: fixed stages as measured,
+    per-token stages scaled."""
     scale = FULL_TOKENS / tokens
     per_kind: dict[str, float] = {}
     for kind in ("dense", "moe"):
-        measured = [b["seconds"] for b in blocks if b["kind"] == kind]
-        if measured:
+        measured = [b for b in blocks if b["kind"] == kind]
+        if measured and tokens == FULL_TOKENS and all(b.get("done_seconds") for b in measured):
+            per_kind[kind] = statistics.fmean(b["done_seconds"] for b in measured)
+        elif measured:
             per_kind[kind] = sum(
-                statistics.fmean(s.get(stage, 0.0) for s in measured) * (scale if stage in PER_TOKEN else 1.0)
+                statistics.fmean(b["seconds"].get(stage, 0.0) for b in measured)
+                * (scale if stage in PER_TOKEN else 1.0)
                 for stage in STAGES
             )
     total = FULL_DENSE * per_kind.get("dense", 0.0) + FULL_MOE * per_kind.get("moe", 0.0)
@@ -234,17 +276,25 @@ def print_table(run: dict, gpus: int, tokens: int, device: str, floor: dict[str,
     print(f"\n{gpus} x {device}: {tokens} calibration tokens; run {run['run_seconds']:.1f} s")
     print(f"peak resident memory of the process tree: {run['peak_rss_gib']:.1f} GiB")
     print("seconds per stage, the floor for one GPU in brackets")
-    print("| block | kind | " + " | ".join(STAGES) + " | total | rel. error |")
-    print("|---" * (len(STAGES) + 4) + "|")
+    if run.get("memory_plan"):
+        plan = run["memory_plan"]
+        print("memory plan: " + ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in plan.items() if k != "solve_batch"))
+    print("| block | kind | " + " | ".join(STAGES) + " | stages | wall | done | rel. error | H-weighted error |")
+    print("|---" * (len(STAGES) + 7) + "|")
     for b in run["blocks"]:
         secs = [b["seconds"].get(s, 0.0) for s in STAGES]
         floors_ = floor[b["kind"]]
         cells = " | ".join(f"{sec:.1f} ({floors_[s]:.1f})" for sec, s in zip(secs, STAGES, strict=True))
         err = "-" if b["rel_error"] is None else f"{b['rel_error']:.4f}"
-        print(f"| {b['layer']} | {b['kind']} | {cells} | {sum(secs):.1f} ({sum(floors_.values()):.1f}) | {err} |")
+        herr = "-" if b.get("hessian_error") is None else f"{b['hessian_error']:.5f}"
+        wall, done = (f"{b[k]:.1f}" if b.get(k) is not None else "-" for k in ("wall_seconds", "done_seconds"))
+        total = f"{sum(secs):.1f} ({sum(floors_.values()):.1f})"
+        print(f"| {b['layer']} | {b['kind']} | {cells} | {total} | {wall} | {done} | {err} | {herr} |")
     x = run["extrapolation"]
     how = (
-        "measured per-block times" if tokens == FULL_TOKENS else f"calibrate/propagate scaled x{FULL_TOKENS / tokens:g}"
+        "measured per-block times, start to done"
+        if tokens == FULL_TOKENS
+        else f"calibrate/propagate scaled x{FULL_TOKENS / tokens:g}"
     )
     print(
         f"3 dense + 58 MoE layers at 512x4096 tokens ({how}): dense block {x['dense_block_s']:.1f} s, "
@@ -253,12 +303,17 @@ def print_table(run: dict, gpus: int, tokens: int, device: str, floor: dict[str,
 
 
 def print_speedup(runs: dict[int, dict]) -> None:
-    def moe_seconds(run: dict) -> float:
-        return statistics.fmean(sum(b["seconds"].values()) for b in run["blocks"] if b["kind"] == "moe")
+    def moe_seconds(run: dict, key: str) -> float:
+        moe = [b for b in run["blocks"] if b["kind"] == "moe"]
+        if key != "stages":
+            return statistics.fmean(b.get(f"{key}_seconds") or 0.0 for b in moe)
+        return statistics.fmean(sum(b["seconds"].get(s, 0.0) for s in STAGES) for b in moe)
 
-    base = moe_seconds(runs[min(runs)])
-    for gpus, run in sorted(runs.items()):
-        print(f"{gpus} GPU(s): MoE block {moe_seconds(run):.1f} s, speed-up {base / moe_seconds(run):.2f}x")
+    for key in ("done", "wall", "stages"):
+        base = moe_seconds(runs[min(runs)], key)
+        for gpus, run in sorted(runs.items()):
+            secs = moe_seconds(run, key)
+            print(f"{gpus} GPU(s): MoE block {secs:.1f} s ({key}), speed-up {base / max(secs, 1e-9):.2f}x")
 
 
 if __name__ == "__main__":

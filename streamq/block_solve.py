@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from streamq.calibrate import Accumulators, BlockStats, HessianCheck, calibration_pass
+from streamq.calibrate import Accumulators, BlockStats, HessianCheck, calibration_pass, routed_pass
 from streamq.distributed import Dist
 from streamq.forward import BlockInputs
 from streamq.groups import LinearGroup
@@ -34,6 +34,7 @@ class Calibration:
     hessian_bytes: int  # expert Hessians per pass
     dist: Dist
     check: HessianCheck | None = None  # sees each Hessian before a method uses it (the run's finiteness guard)
+    cache_bytes: int = 0  # the MoE input kept on the device across a block's passes (see MoEInputCache)
 
 
 def calibrate_and_solve(
@@ -44,9 +45,11 @@ def calibrate_and_solve(
     method: Method,
     clock: StageClock,
     on_experts: OnExperts,
+    on_calibrated: OnExperts = lambda: None,
 ) -> BlockStats | None:
     """Feed ``method`` the statistics of ``groups`` (the block's non-expert groups and this rank's experts);
-    returns the statistics (None for a method without calibration)."""
+    returns the statistics (None for a method without calibration). ``on_calibrated`` runs on every rank after
+    each calibration pass, before its solve."""
     dist = calibration.dist
     mine = [g for g in groups if g.expert is not None or dist.main]
     if not method.calibrates:
@@ -56,22 +59,27 @@ def calibrate_and_solve(
     stats = _block_stats(block, groups, calibration, inputs.device)
     experts = sorted({g.expert for g in groups if g.expert is not None})
     hybrid = isinstance(block.mlp, MoE) and calibration.mode == "hybrid"
+    passes = _plan(block, experts, stats.all_tokens, calibration)
+    cache = MoEInputCache(calibration.cache_bytes if len(passes) + hybrid > 1 else 0)
     if hybrid:
         counting = PassPlan((), (), dense_hooks=True, count_routes=True, moe_input=True)
         with clock("calibrate"):
-            calibration_pass(block, inputs.read("calibrate"), inputs.cos, inputs.sin, counting, stats.into)
+            _pass(block, inputs, counting, stats.into, cache, dist)
+        on_calibrated()
         stats.all_tokens = {e for e in experts if stats.into.counts[e].item() < calibration.min_tokens}
         with clock("solve"):
             _complete(method, [g for g in mine if g.expert is None], stats)
+        passes = _plan(block, experts, stats.all_tokens, calibration)  # with the starved experts now known
     passes = with_first(
-        _plan(block, experts, stats.all_tokens, calibration),
+        passes,
         dense_hooks=bool(stats.into.dense_groups) and not hybrid,
         count_routes=not hybrid,
         moe_input=not hybrid and (calibration.mode == "all" or method.wants_moe_input),
     )
     for step, plan in enumerate(passes, 1):
         with clock("calibrate", step=step, steps=len(passes)):
-            calibration_pass(block, inputs.read("calibrate"), inputs.cos, inputs.sin, plan, stats.into)
+            _pass(block, inputs, plan, stats.into, cache, dist)
+        on_calibrated()
         chosen = [g for g in mine if g.expert in plan.experts or (g.expert is None and plan.dense_hooks)]
         with clock("solve", step=step, steps=len(passes)):
             _complete(method, chosen, stats)
@@ -82,6 +90,46 @@ def calibrate_and_solve(
     else:
         method.block_complete(mine, stats)
     return stats
+
+
+class MoEInputCache:
+    """The first pass's MoE input and routing per micro-batch, kept on the device so that the block's later passes
+    skip reading its input and recomputing the attention, within ``limit`` bytes (the memory plan's share; past
+    it nothing is kept and every pass starts from the block's input, as it must when they do not fit)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.within_limit = limit > 0
+        self.started = False  # a pass over the block's input has offered it its MoE inputs
+        self.complete = False  # ... and it kept them all
+
+    def keep(self, m: torch.Tensor, indices: torch.Tensor) -> None:
+        if not self.within_limit:
+            return
+        self.used += m.nbytes + indices.nbytes
+        if self.used > self.limit:
+            self.within_limit, self.batches = False, []
+        else:
+            self.batches.append((m, indices))
+
+
+def _pass(
+    block: Block, inputs: BlockInputs, plan: PassPlan, into: Accumulators, cache: MoEInputCache, dist: Dist
+) -> None:
+    """One calibration pass: from the cached MoE inputs when the first pass kept them all and this pass needs
+    nothing before the MoE, else over the block's input (the first such pass filling the cache)."""
+    if cache.complete and isinstance(block.mlp, MoE) and not plan.dense_hooks:
+        routed_pass(block.mlp, cache.batches, plan, into)
+        return
+    keep = None if cache.started else cache.keep
+    calibration_pass(block, inputs.read("calibrate"), inputs.cos, inputs.sin, plan, into, keep)
+    cache.started = True
+    # Every rank takes part in the gathers of a pass over the input, so they must all skip them or none: each
+    # rank's limit comes from its own device's free memory.
+    cache.complete = all(dist.gather_objects(keep is not None and cache.within_limit))
+    if not cache.complete:
+        cache.batches = []
 
 
 def _block_stats(

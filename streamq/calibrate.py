@@ -60,6 +60,7 @@ class Hessians:
 
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
+KeepMoEInput = Callable[[torch.Tensor, torch.Tensor], None]  # (MoE input, routing) of one micro-batch
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -131,12 +132,6 @@ def _add_gate_up(hessians: Hessians, prefix: str, x: torch.Tensor, tie: bool) ->
         hessians.add(f"{prefix}.up_proj", x)
 
 
-def count_routes(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The router's expert indices for ``x`` and the per-expert token counts."""
-    _, indices = moe.gate(x)
-    return indices, torch.bincount(indices.flatten(), minlength=len(moe.experts))
-
-
 @dataclass
 class Accumulators:
     """Where a calibration pass adds what it sees. With several processes each rank sees a slice of every
@@ -159,10 +154,12 @@ def calibration_pass(
     sin: torch.Tensor,
     plan: PassPlan,
     into: Accumulators,
+    keep: KeepMoEInput | None = None,
 ) -> None:
     """One pass over the micro-batches ``batches`` ([n, seq, hidden] on the block's device): the expert Hessians
     of ``plan``, and the non-expert Hessians, routed-token counts and MoE input Hessian when it says so. The
-    block's weights and outputs are not touched."""
+    block's weights and outputs are not touched. ``keep`` is handed each micro-batch's MoE input and routing
+    (what a later pass can start from instead of the block's input: see ``routed_pass``)."""
     moe = block.mlp if isinstance(block.mlp, MoE) else None
     hooked = into.dense_groups if plan.dense_hooks else []
     for x in batches:
@@ -175,9 +172,19 @@ def calibration_pass(
             if hooked and moe.shared_experts is not None:
                 moe.shared_experts(local)
         m = into.gather(local)
-        indices, batch_counts = count_routes(moe, m)
+        indices = moe.gate(m)[1]
+        if keep is not None:
+            keep(m, indices)
+        routed_pass(moe, [(m, indices)], plan, into)
+
+
+def routed_pass(
+    moe: MoE, inputs: Iterable[tuple[torch.Tensor, torch.Tensor]], plan: PassPlan, into: Accumulators
+) -> None:
+    """The MoE's part of a pass, from each micro-batch's MoE input [tokens, hidden] and routing [tokens, k]."""
+    for m, indices in inputs:
         if plan.count_routes and into.counts is not None:
-            into.counts += batch_counts
+            into.counts += torch.bincount(indices.flatten(), minlength=len(moe.experts))
         if plan.moe_input:
             into.hessians.add(MOE_INPUT, m)
         accumulate_experts(moe, m, indices, plan, into.hessians, into.tie)

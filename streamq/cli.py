@@ -114,6 +114,15 @@ def run(
     unquantized: Annotated[
         str | None, typer.Option(help="Unquantized Linears as bf16 or fp8 (FP8 blocks kept).")
     ] = None,
+    scheme: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="FAMILY=SPEC, repeatable: one family's scheme, over what --scope/--unquantized/--format give it. "
+            "FAMILY: experts, shared, dense, attention; SPEC: nvfp4, mxfp4, wNa16 (N-bit, groups of 128 as "
+            "compressed-tensors' presets), wNa16-gG[-asym] (-g0: per channel), fp8 (the release's FP8 blocks "
+            "kept) or bf16.",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     dtype: Annotated[str, typer.Option(help="Compute dtype: bfloat16 or float32.")] = "bfloat16",
     token_budget: Annotated[int, typer.Option(min=1, help="Tokens per forward micro-batch.")] = 32768,
@@ -163,7 +172,19 @@ def _recipe_from_options(p: dict[str, Any]) -> Recipe:
             damp=p["damp"],
         ),
         top={k: p[k] for k in ("method", "scope", "calibration", "min_tokens", "tie_gate_up", "unquantized")},
+        schemes=_scheme_options(p["scheme"] or []),
     )
+
+
+def _scheme_options(values: list[str]) -> list[tuple[str, str]]:
+    """``--scheme FAMILY=SPEC`` values as (family, spec) pairs; the recipe validates both."""
+    pairs = []
+    for value in values:
+        family, sep, spec = value.partition("=")
+        if not sep or not family.strip() or not spec.strip():
+            raise StreamqError(f"--scheme {value!r}: write FAMILY=SPEC, e.g. --scheme shared=w8a16")
+        pairs.append((family.strip().lower(), spec.strip()))
+    return pairs
 
 
 def _run_options(p: dict[str, Any]) -> RunOptions:
@@ -285,8 +306,9 @@ def eval_(
         result.write_json(output)
 
 
-def build_recipe(base, *, data: dict, scheme: dict, solver: dict, top: dict):
-    """``base`` with every option the user gave (not None) replaced; a new format starts from its preset."""
+def build_recipe(base, *, data: dict, scheme: dict, solver: dict, top: dict, schemes: list | tuple = ()):
+    """``base`` with every option the user gave (not None) replaced; a new format starts from its preset;
+    ``schemes`` (family, spec) replace the base's scheme of those families (the last one given wins)."""
     from streamq.solvers.scheme import QuantScheme
 
     def given(d: dict) -> dict:
@@ -297,7 +319,8 @@ def build_recipe(base, *, data: dict, scheme: dict, solver: dict, top: dict):
         start = base.solver.scheme if fmt in (None, base.solver.scheme.format) else QuantScheme.preset(fmt)
         new_scheme = replace(start, **given(scheme))
         new_solver = replace(base.solver, scheme=new_scheme, **given(solver))
-        return replace(base, solver=new_solver, data=replace(base.data, **given(data)), **given(top))
+        merged = tuple({**dict(base.schemes), **dict(schemes)}.items())
+        return replace(base, solver=new_solver, data=replace(base.data, **given(data)), schemes=merged, **given(top))
     except ValueError as exc:
         raise StreamqError(f"invalid option: {exc}") from None
 

@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -32,6 +32,9 @@ from streamq.errors import StreamqError
 class Dist:
     rank: int = 0
     world: int = 1
+    # The process group the collectives run on (None: the default one). A background thread must not share a
+    # group with the main thread: collectives of one group have to be called in the same order on every rank.
+    group: Any = field(default=None, compare=False, repr=False)
 
     @property
     def main(self) -> bool:
@@ -44,12 +47,22 @@ class Dist:
     def owner(self, expert: int, n: int) -> int:
         return next(r for r in range(self.world) if expert < n * (r + 1) // self.world)
 
+    def side(self) -> Dist:
+        """The same ranks on a group of their own (gloo, made once; every rank must call this at the same point)
+        for a background thread's collectives, which then cannot interleave with the main thread's."""
+        if self.world == 1:
+            return self
+        global _SIDE_GROUP
+        if _SIDE_GROUP is None:
+            _SIDE_GROUP = torch_dist.new_group(backend="gloo")
+        return replace(self, group=_SIDE_GROUP)
+
     def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's ``t`` (equal shapes) concatenated along dim 0 in rank order."""
         if self.world == 1:
             return t
         out = t.new_empty((self.world * t.shape[0], *t.shape[1:]))
-        torch_dist.all_gather_into_tensor(out, t.contiguous())
+        torch_dist.all_gather_into_tensor(out, t.contiguous(), group=self.group)
         return out
 
     def sum_scatter_rows(self, t: torch.Tensor) -> torch.Tensor:
@@ -57,39 +70,40 @@ class Dist:
         if self.world == 1:
             return t
         out = t.new_empty((t.shape[0] // self.world, *t.shape[1:]))
-        torch_dist.reduce_scatter_tensor(out, t.contiguous())
+        torch_dist.reduce_scatter_tensor(out, t.contiguous(), group=self.group)
         return out
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
-            torch_dist.all_reduce(t)
+            torch_dist.all_reduce(t, group=self.group)
         return t
 
     def broadcast(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
-            torch_dist.broadcast(t, src=0)
+            torch_dist.broadcast(t, src=0, group=self.group)
         return t
 
     def broadcast_object(self, obj: Any) -> Any:
         if self.world == 1:
             return obj
         box = [obj]
-        torch_dist.broadcast_object_list(box, src=0)
+        torch_dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
     def gather_objects(self, obj: Any) -> list[Any]:
         if self.world == 1:
             return [obj]
         out: list[Any] = [None] * self.world
-        torch_dist.all_gather_object(out, obj)
+        torch_dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def barrier(self) -> None:
         if self.world > 1:
-            torch_dist.barrier()
+            torch_dist.barrier(group=self.group)
 
 
 SINGLE = Dist()
+_SIDE_GROUP: Any = None
 
 
 def from_environment(device: str) -> tuple[Dist, str]:
@@ -108,6 +122,8 @@ def from_environment(device: str) -> tuple[Dist, str]:
 
 
 def shutdown() -> None:
+    global _SIDE_GROUP
+    _SIDE_GROUP = None
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
 

@@ -3,6 +3,11 @@
 The expert Hessians of a calibration pass and the solver's working copies never live at the same time as another
 block's, but they do coexist with the loaded block: the budget is what is left for the two together, split
 between them in a fixed ratio, and the plan is reported at the start of the run.
+
+When a block's MoE input (every calibration token's, with its routing) fits in half of the solver's share, that
+half is given to keeping it on the device across the block's calibration passes (block_solve.MoEInputCache), so
+that only the first pass reads the block's input and runs its attention. The Hessians' share, hence the number
+of passes, does not change; on a smaller device, or with more tokens, nothing is kept.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ CUDA_FREE_SHARE = 0.8
 # On the CPU the Hessians and the solver workspace are host memory, which must stay about one block: the budget
 # is this many times the largest block's bf16 size (Hessians 3/4 of a block, at the cost of more passes).
 CPU_BLOCKS = 2
+# Of the solver's share, at most this much goes to keeping a block's MoE inputs (the solver needs far less than
+# its share at DeepSeek-V3's shapes: 32 gate/up experts' weights, Hessians and factors are ~20 GB of 69).
+CACHE_SHARE = 0.5
 GIB = 1 << 30
 
 
@@ -34,11 +42,13 @@ class MemoryPlan:
     hessian_bytes: int  # expert Hessians held during one calibration pass
     solver_bytes: int  # the solver's working memory for one batched call
     solve_batch: int  # experts stacked into one solver call
+    cache_bytes: int = 0  # a block's MoE inputs kept across its calibration passes (0: recomputed per pass)
 
     def describe(self) -> str:
+        cache = f" + MoE inputs kept {_size(self.cache_bytes)}" if self.cache_bytes else ", MoE inputs not kept"
         return (
             f"memory plan: {_size(self.budget)} = Hessians {_size(self.hessian_bytes)} per pass + "
-            f"solver {_size(self.solver_bytes)}, {self.solve_batch} experts per solver call"
+            f"solver {_size(self.solver_bytes)}{cache}, {self.solve_batch} experts per solver call"
         )
 
     def to_dict(self) -> dict[str, int]:
@@ -51,15 +61,23 @@ def plan_memory(
     budget: int | None = None,
     hessian_bytes: int | None = None,
     solve_batch: int | None = None,
+    moe_input_bytes: int = 0,
 ) -> MemoryPlan:
     """The plan from ``budget`` bytes (None: from the device, or on the CPU from ``block_bytes``, the largest
-    block's bf16 size); ``hessian_bytes`` and ``solve_batch`` override their part of it."""
+    block's bf16 size); ``hessian_bytes`` and ``solve_batch`` override their part of it; ``moe_input_bytes``: a
+    block's MoE inputs and routing for every calibration token (0: the model has no MoE block)."""
     if budget is None:
         budget = _device_budget(device) if device.type == "cuda" else CPU_BLOCKS * block_bytes
     hessians = hessian_bytes if hessian_bytes is not None else int(budget * HESSIAN_SHARE)
     solver = budget - int(budget * HESSIAN_SHARE)
+    cache = moe_input_bytes if 0 < moe_input_bytes <= solver * CACHE_SHARE else 0
     batch = solve_batch if solve_batch is not None else (32 if device.type == "cuda" else 4)
-    return MemoryPlan(budget, hessians, solver, batch)
+    return MemoryPlan(budget, hessians, solver - cache, batch, cache)
+
+
+def moe_input_bytes(tokens: int, hidden: int, top_k: int, dtype: torch.dtype) -> int:
+    """A block's MoE input [tokens, hidden] and routing [tokens, top_k] (int64), as the cache keeps them."""
+    return tokens * (hidden * dtype.itemsize + top_k * 8)
 
 
 def _device_budget(device: torch.device) -> int:

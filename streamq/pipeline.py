@@ -1,10 +1,10 @@
 """``streamq run``: shards → block → activations → Hessians → solver → packed shards, one block at a time.
 
 For each decoder block: load its weights (FP8 dequantized on the device), calibrate and solve (block_solve.py:
-Hessians from the saved input activations, handed to the method), write the block's shard, then propagate the
-activations through the *quantized* block, so that the next block is calibrated on what it will really see. The
-manifest is updated after each block (see resume.py); host memory holds one block's packed weights and one
-micro-batch.
+Hessians from the saved input activations, handed to the method), write the block's shard (in the background,
+see block_shard.py) while propagating the activations through the *quantized* block, so that the next block is
+calibrated on what it will really see. The manifest is updated after each block (see resume.py); host memory
+holds a few micro-batches and the tensor being written (on a GPU the packed weights stay on the device).
 
 With several processes (see distributed.py) every rank runs this same loop on its slice of the calibration
 sequences and its share of each layer's experts; rank 0 also owns everything that is not a routed expert (the
@@ -13,14 +13,17 @@ non-expert solves, the manifest, the report). The output is the same, byte for b
 
 from __future__ import annotations
 
+import hashlib
 import shutil
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from streamq.block_shard import write_block_shard
+from streamq.block_shard import ShardWrite, start_block_shard
 from streamq.block_solve import Calibration, calibrate_and_solve
 from streamq.data import load_token_batches
 from streamq.distributed import SINGLE, Dist
@@ -47,7 +50,7 @@ from streamq.forward import (
 from streamq.groups import LinearGroup, linear_groups
 from streamq.io.activations import ActivationReader, ActivationSpec, ActivationWriter, dtype_name
 from streamq.io.safetensors_stream import CheckpointReader
-from streamq.memory import MemoryPlan, largest_block_bytes, plan_memory, release_host_memory
+from streamq.memory import MemoryPlan, largest_block_bytes, moe_input_bytes, plan_memory, release_host_memory
 from streamq.methods import make_method
 from streamq.model.deepseek import Block, MoE, load_block, load_embedding, rope_cos_sin
 from streamq.preflight import Checked, check_before_output, config_sha
@@ -98,6 +101,8 @@ class _Run:
     reporter: Reporter
     dist: Dist
     model_dir: Path
+    # Manifest updates waiting for their shard's checksum (with several processes, see _finish_block).
+    pending: list[Callable[[], None]] = field(default_factory=list)
 
 
 def run(
@@ -118,11 +123,18 @@ def run(
         reporter.warning(f"{out} is already complete; nothing to do")
         return Path(out)
     device = resolve_device(options.device)
-    block_bytes = largest_block_bytes(reader)
-    memory = plan_memory(device, block_bytes, options.memory_budget, options.hessian_budget, options.solve_batch)
-    ctx = _Run(
-        reader, output, recipe, options, memory, device, getattr(torch, options.dtype), reporter, dist, model_dir
+    dtype = getattr(torch, options.dtype)
+    has_moe = any(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    moe_input = moe_input_bytes(recipe.data.num_tokens, cfg.hidden_size, cfg.num_experts_per_tok, dtype)
+    memory = plan_memory(
+        device,
+        largest_block_bytes(reader),
+        options.memory_budget,
+        options.hessian_budget,
+        options.solve_batch,
+        moe_input if has_moe else 0,
     )
+    ctx = _Run(reader, output, recipe, options, memory, device, dtype, reporter, dist, model_dir)
     reporter.run_start(
         model=str(model_dir),
         out=str(out),
@@ -158,7 +170,8 @@ def _start(ctx: _Run, tokens: torch.Tensor | None) -> None:
     if dist.main:
         names = [n for n in reader.names() if not n.startswith("model.layers.")]
         check_source_tensors(reader, names, ctx.device, ctx.options.allow_nonfinite, ctx.reporter.warning)
-        write_shard(output.path / file, plan_tensors(reader, names, {}, {}, keep_fp8=False), _CRASH_WRITE)
+        digest = hashlib.sha256()
+        write_shard(output.path / file, plan_tensors(reader, names, {}, {}), _CRASH_WRITE, digest=digest)
     embedding = load_embedding(reader, ctx.device, ctx.dtype)
     writer = ActivationWriter(output.activation_path(0, dist), local_spec(spec, dist))
     per_batch = batch_samples(spec, ctx.options.token_budget, dist)
@@ -167,7 +180,7 @@ def _start(ctx: _Run, tokens: torch.Tensor | None) -> None:
         writer.write(first, embedding(tokens[slice_first:slice_stop].to(ctx.device)))
     writer.commit()
     if dist.main:
-        output.record_shard(HEAD, file)
+        output.record_shard(HEAD, file, digest.hexdigest())
     output.start_activations(spec, per_batch)
     output.commit(dist)
 
@@ -177,6 +190,7 @@ def _quantize_block(ctx: _Run, layer: int) -> None:
     spec = manifest.activation_spec
     assert spec is not None and manifest.activations is not None
     report = BlockReport(layer, "moe" if cfg.is_moe_layer(layer) else "dense")
+    started = time.perf_counter()
     clock = StageClock(report, ctx.reporter)
     experts = dist.experts(cfg.n_routed_experts) if cfg.is_moe_layer(layer) else range(0)
     with clock("load"):
@@ -192,18 +206,23 @@ def _quantize_block(ctx: _Run, layer: int) -> None:
     groups = [g for g in every if g.expert is None or g.expert in experts]
     solved = _solve_block(ctx, block, groups, inputs, report) if every else Solved()
     share_dense_weights(dict(block.named_modules()), groups, solved, dist)
-    with clock("write"):
+    with clock("write"):  # started here, finished in the background while the block propagates
+        _settle(ctx)  # if no calibration pass did: before this block's output activations take the room
         shard = ctx.output.path / shard_name(1 + layer, ctx.output.manifest.total_shards)
-        write_block_shard(shard, ctx.reader, layer, ctx.recipe, solved, block, dist, _CRASH_WRITE)
+        writing = start_block_shard(shard, ctx.reader, layer, ctx.recipe, solved, block, dist, _CRASH_WRITE)
     with clock("propagate"):
         writer = ActivationWriter(output.activation_path(layer + 1, dist), local_spec(spec, dist))
         check = partial(check_activations, layer=layer, stage="propagate", allow=ctx.options.allow_nonfinite)
         first = propagate(block, inputs, writer, ctx.dtype, dist, experts, check)
         writer.commit()
         report.rel_error = rel_error(first.float(), reference, dist)
+    if dist.world == 1:
+        with clock("write", announce=False):  # what of the write (hashed as written) propagation did not hide
+            writing.result()
     source.close()
     merge_rank_stats(report, solved.errors, solved.fallbacks, len(solved.packed), dist)
-    _finish_block(ctx, layer, report)
+    report.wall_seconds = time.perf_counter() - started
+    _finish_block(ctx, layer, report, writing)
 
 
 def _solve_block(
@@ -218,13 +237,20 @@ def _solve_block(
         solve_options,
         ctx.memory.solve_batch,
         partial(ctx.reporter.fallback, layer),
+        recipe.plan(ctx.reader.config.fp8_block is not None).quantized(),
     )
     mine = [g for g in groups if g.expert is not None or dist.main]
     awq = partial(_block_awq, ctx.reader, recipe, dist, block, layer, mine)
     method = make_method(recipe.method, solver, solved, block, dist, awq)
     check = partial(check_hessians, layer=layer, allow=ctx.options.allow_nonfinite)
     calibration = Calibration(
-        recipe.calibration, recipe.min_tokens, recipe.tie_gate_up, ctx.memory.hessian_bytes, dist, check
+        recipe.calibration,
+        recipe.min_tokens,
+        recipe.tie_gate_up,
+        ctx.memory.hessian_bytes,
+        dist,
+        check,
+        ctx.memory.cache_bytes,
     )
     moe = block.mlp if isinstance(block.mlp, MoE) else None
 
@@ -233,9 +259,9 @@ def _solve_block(
             for rank, done in enumerate(dist.gather_objects(solved.experts_done())):
                 ctx.reporter.experts(layer, done, len(dist.experts(len(moe.experts))), rank=rank)
 
-    stats = calibrate_and_solve(
-        block, groups, inputs, calibration, method, StageClock(report, ctx.reporter), on_experts
-    )
+    # The previous block's record (see _finish_block) waits at most until this block's first pass is done.
+    clock = StageClock(report, ctx.reporter)
+    stats = calibrate_and_solve(block, groups, inputs, calibration, method, clock, on_experts, partial(_settle, ctx))
     if moe is not None and stats is not None:
         routed = stats.into.counts.tolist()
         ctx.reporter.expert_tokens(layer, routed)
@@ -254,25 +280,46 @@ def _block_awq(
         return stored_dtype(reader, prefix + name)
 
     sites = fold_sites(reader.config, layer, linear_groups(reader.config, layer, recipe))
-    return BlockAWQ(block, sites, mine, recipe.solver, dist, stored)
+    # One grid for every quantized family (Recipe refuses AWQ with mixed schemes).
+    (scheme,) = recipe.plan().by_scheme()
+    return BlockAWQ(block, sites, mine, recipe.solver_for(scheme), dist, stored)
 
 
-def _finish_block(ctx: _Run, layer: int, report: BlockReport) -> None:
+def _finish_block(ctx: _Run, layer: int, report: BlockReport, writing: ShardWrite) -> None:
+    """Record the finished block in the manifest. With several processes rank 0 can hash the shard only once
+    every rank has written its part, which takes longer than propagation hides: the record then waits (the
+    previous block's input kept, so a crash meanwhile resumes from this block) until the next block's first
+    calibration pass is done (or its write starts, or the run ends)."""
+    record = partial(_record_block, ctx, layer, report, writing)
+    if ctx.dist.world == 1:
+        record()
+    else:
+        ctx.pending.append(record)
+    release_host_memory()
+    ctx.reporter.block_done(layer, rel_error=report.rel_error if report.rel_error is not None else float("nan"))
+
+
+def _settle(ctx: _Run) -> None:
+    while ctx.pending:
+        ctx.pending.pop(0)()
+
+
+def _record_block(ctx: _Run, layer: int, report: BlockReport, writing: ShardWrite) -> None:
     output, dist = ctx.output, ctx.dist
+    digest = writing.result()
     old = output.activation_path(layer, dist)
     if dist.main:
-        output.record_shard(f"layer.{layer}", shard_name(1 + layer, output.manifest.total_shards))
+        output.record_shard(f"layer.{layer}", shard_name(1 + layer, output.manifest.total_shards), digest)
         save_block_report(output, report)
     output.activations_ready(layer + 1)
     output.commit(dist)
     old.unlink(missing_ok=True)
     crash_point("block-done")
-    release_host_memory()
-    ctx.reporter.block_done(layer, rel_error=report.rel_error if report.rel_error is not None else float("nan"))
 
 
 def _finish(ctx: _Run) -> None:
     """The MTP layers (copied unquantized), the index, config.json, the side files and the report."""
+    _settle(ctx)
     reader, output, dist = ctx.reader, ctx.output, ctx.dist
     cfg, manifest = reader.config, output.manifest
     if dist.main:
@@ -284,8 +331,9 @@ def _finish(ctx: _Run) -> None:
             file = shard_name(1 + layer, manifest.total_shards)
             names = reader.names(reader.layer_prefix(layer))
             check_source_tensors(reader, names, ctx.device, ctx.options.allow_nonfinite, ctx.reporter.warning)
-            write_shard(output.path / file, plan_tensors(reader, names, {}, {}, keep_fp8=False), _CRASH_WRITE)
-            output.record_shard(key, file)
+            digest = hashlib.sha256()
+            write_shard(output.path / file, plan_tensors(reader, names, {}, {}), _CRASH_WRITE, digest=digest)
+            output.record_shard(key, file, digest.hexdigest())
             output.save()
         write_index(output.path, [r.file for r in manifest.shards.values()])
         write_config(output.path, reader, ctx.recipe)

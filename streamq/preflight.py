@@ -33,7 +33,7 @@ from streamq.config import ModelConfig
 from streamq.data import load_token_batches
 from streamq.errors import StreamqError
 from streamq.export.vllm_contract import vllm_mismatches
-from streamq.groups import linear_groups
+from streamq.groups import linear_groups, module_family
 from streamq.io.safetensors_stream import (
     CT_SCALE_SUFFIX,
     INDEX_NAME,
@@ -43,7 +43,7 @@ from streamq.io.safetensors_stream import (
     TensorInfo,
 )
 from streamq.model.deepseek import MTP_EXTRAS, Block
-from streamq.recipe import Recipe
+from streamq.recipe import Plan, Recipe
 from streamq.resume import OutputDir, peek_manifest
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -243,11 +243,22 @@ def _check_scale(reader: CheckpointReader, name: str, info: TensorInfo) -> None:
 
 
 def check_scheme(reader: CheckpointReader, recipe: Recipe) -> None:
-    """The group size divides the in_features of every Linear the recipe quantizes (see the module docstring)."""
-    group = recipe.scheme.group_size
-    if group == 0:
-        return
+    """Each family's group size divides the in_features of every Linear of it that the recipe quantizes (see the
+    module docstring), and the families kept in FP8 are FP8 blocks in MODEL."""
+    plan = recipe.plan(reader.config.fp8_block is not None)
+    _check_fp8_families(reader, recipe, plan)
     linears = dict(_linears_in_scope(reader, recipe))
+    given = dict(recipe.schemes)
+    for scheme, families in plan.by_scheme().items():
+        mine = {n: i for n, i in linears.items() if module_family(n.removesuffix(".weight")) in families}
+        options = [f"{f.value}={given[f.value]}" for f in families if f.value in given]
+        _check_group_size(reader, scheme.group_size, mine, options)
+
+
+def _check_group_size(reader: CheckpointReader, group: int, linears: dict[str, int], options: list[str]) -> None:
+    """``options``: the --scheme values that gave these Linears the group size (none: --group-size did)."""
+    if group == 0 or not linears:
+        return
     # Routed experts first: they are the scheme's main target, and the one misfit that --scope cannot avoid.
     misfits = sorted((n for n, i in linears.items() if i % group), key=lambda n: not _is_routed_expert(n))
     if not misfits:
@@ -255,11 +266,36 @@ def check_scheme(reader: CheckpointReader, recipe: Recipe) -> None:
     name, in_features = misfits[0], linears[misfits[0]]
     common = math.gcd(*linears.values())
     fits = ", ".join(["0 (per channel)", *(str(g) for g in GROUP_SIZES if common % g == 0)])
+    where = f"{reader.infos[name].file}: tensor {name} has in_features {in_features}, not a multiple of"
+    if options:
+        raise StreamqError(
+            f"{where} the group size {group} of --scheme {', '.join(options)}; give those families a group size "
+            f"that fits them all (-gG with G one of {fits}), or another scheme"
+        )
     scope = " or --scope experts" if not any(_is_routed_expert(n) for n in misfits) else ""
-    raise StreamqError(
-        f"{reader.infos[name].file}: tensor {name} has in_features {in_features}, not a multiple of --group-size "
-        f"{group}; use --group-size {fits} (they fit every Linear in scope){scope}"
-    )
+    raise StreamqError(f"{where} --group-size {group}; use --group-size {fits} (they fit every Linear in scope){scope}")
+
+
+def _check_fp8_families(reader: CheckpointReader, recipe: Recipe, plan: Plan) -> None:
+    """A family kept "as shipped" in FP8 must be FP8 blocks in MODEL, or the output would claim blocks it lacks."""
+    families = set(plan.kept("fp8"))
+    asked = [f for f, spec in recipe.schemes if spec == "fp8"]
+    if asked and reader.config.fp8_block is None:
+        raise StreamqError(
+            f"{reader.dir / 'config.json'}: --scheme {asked[0]}=fp8 keeps MODEL's FP8 blocks, but MODEL has none "
+            f"(no fp8 quantization_config); use --scheme {asked[0]}=bf16 or a quantized scheme"
+        )
+    decoder = tuple(reader.layer_prefix(layer) for layer in range(reader.config.num_hidden_layers))
+    for name, info in reader.infos.items():
+        module = name.removesuffix(".weight")
+        in_family = name.startswith(decoder) and module_family(module) in families
+        if in_family and name.endswith(".weight") and info.dtype not in FP8:
+            family = module_family(module)
+            assert family is not None
+            raise StreamqError(
+                f"{info.file}: tensor {name} is {info.dtype}, not FP8 blocks, but its family ({family.value}) is to "
+                f"be kept in FP8 as shipped; use --scheme {family.value}=bf16 or a quantized scheme"
+            )
 
 
 def _linears_in_scope(reader: CheckpointReader, recipe: Recipe) -> Iterator[tuple[str, int]]:

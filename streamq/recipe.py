@@ -9,20 +9,81 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from streamq.data_config import DataConfig
 from streamq.errors import StreamqError
+from streamq.groups import FAMILIES, Family
 from streamq.solvers.scheme import QuantScheme, SolverConfig
 
 Method = Literal["gptq", "rtn", "awq"]
 Scope = Literal["experts", "all"]
 CalibrationMode = Literal["routed", "all", "hybrid"]
 UnquantizedDtype = Literal["bf16", "fp8"]
+# What one family of Linears becomes: a quantized scheme, or left unquantized as bf16 / the release's FP8 blocks.
+GroupScheme = QuantScheme | UnquantizedDtype
 
 RECIPE_NAME = "streamq_recipe.json"
+SCHEME_SPECS = "nvfp4, mxfp4, wNa16 (N = 2, 3, 4, 8; groups of 128, or -gG, -g0 per channel, -asym), fp8 or bf16"
+_INT_SPEC = re.compile(r"^w(\d+)a16(?:-g(\d+))?(-asym)?$")
+
+
+def parse_scheme(spec: str) -> GroupScheme:
+    """A ``--scheme`` value: ``nvfp4``, ``mxfp4``, ``wNa16`` (compressed-tensors 0.20's WNA16 presets: N-bit
+    symmetric integers in groups of 128, N = 2, 3, 4, 8), ``wNa16-gG`` (G = 0: one scale per channel),
+    ``wNa16[-gG]-asym``, ``fp8`` (the source's FP8 blocks kept as shipped) or ``bf16`` (dequantized)."""
+    spec = spec.strip().lower()
+    if spec in ("bf16", "fp8"):
+        return spec  # type: ignore[return-value]
+    if spec in ("nvfp4", "mxfp4"):
+        return QuantScheme.preset(spec)  # type: ignore[arg-type]
+    match = _INT_SPEC.match(spec)
+    if match is None:
+        raise StreamqError(f"--scheme: {spec!r} is not a scheme; use {SCHEME_SPECS}")
+    bits = int(match[1])
+    group = int(match[2]) if match[2] is not None else 128
+    try:
+        return QuantScheme(bits=bits, group_size=group, symmetric=match[3] is None)
+    except ValueError as exc:
+        raise StreamqError(f"--scheme {spec}: {exc}") from None
+
+
+def scheme_spec(scheme: GroupScheme) -> str:
+    """The canonical ``--scheme`` value of ``scheme`` (``parse_scheme`` inverts it)."""
+    if isinstance(scheme, str):
+        return scheme
+    if scheme.format != "int":
+        return scheme.format
+    group = "" if scheme.group_size == 128 else f"-g{scheme.group_size}"
+    return f"w{scheme.bits}a16{group}{'' if scheme.symmetric else '-asym'}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What each family of decoder Linears becomes in one run, in ``FAMILIES`` order."""
+
+    schemes: tuple[tuple[Family, GroupScheme], ...]
+
+    def of(self, family: Family) -> GroupScheme:
+        return dict(self.schemes)[family]
+
+    def quantized(self) -> dict[Family, QuantScheme]:
+        return {f: s for f, s in self.schemes if isinstance(s, QuantScheme)}
+
+    def kept(self, dtype: UnquantizedDtype) -> list[Family]:
+        """The families left unquantized as ``dtype``."""
+        return [f for f, s in self.schemes if s == dtype]
+
+    def by_scheme(self) -> dict[QuantScheme, list[Family]]:
+        """The quantized families grouped by scheme, in order of first appearance (routed experts first)."""
+        out: dict[QuantScheme, list[Family]] = {}
+        for family, scheme in self.quantized().items():
+            out.setdefault(scheme, []).append(family)
+        return out
 
 
 @dataclass(frozen=True)
@@ -32,6 +93,9 @@ class Recipe:
     router sends it; "all" feeds every token to every expert's Hessian; "hybrid" does that only for experts that
     were routed fewer than ``min_tokens`` tokens. The block's output always follows the real top-k routing.
     ``unquantized``: how Linears that are not quantized are written (bf16, or DeepSeek's FP8 blocks as shipped).
+    ``schemes``: per-family overrides (family name, ``--scheme`` value) of what scope, unquantized and the solver's
+    scheme give each family (see ``plan``); empty for a recipe of one scheme, and then not serialised, so such a
+    recipe has the file and digest it had before mixed recipes existed.
     """
 
     method: Method = "gptq"
@@ -42,8 +106,10 @@ class Recipe:
     tie_gate_up: bool = True
     unquantized: UnquantizedDtype = "bf16"
     data: DataConfig = field(default_factory=DataConfig)
+    schemes: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "schemes", _normalized_schemes(self.schemes))
         _one_of("method", self.method, ("gptq", "rtn", "awq"))
         _one_of("scope", self.scope, ("experts", "all"))
         _one_of("calibration", self.calibration, ("routed", "all", "hybrid"))
@@ -52,26 +118,42 @@ class Recipe:
         _one_of("observer", self.solver.observer, ("minmax", "mse"))
         if self.min_tokens < 0:
             raise StreamqError(f"--min-tokens must be >= 0, not {self.min_tokens}")
-        if self.method == "awq" and self.unquantized == "fp8" and self.scope == "experts":
-            raise StreamqError(
-                "--method awq folds its scales into the shared experts' weights, which then cannot stay FP8: "
-                "use --unquantized bf16 or --scope all"
-            )
         if not 0 <= self.solver.damp < 1:
             raise StreamqError(f"--damp must be in [0, 1), not {self.solver.damp}")
+        if self.method == "awq":
+            _check_awq(self.plan())
+
+    def plan(self, fp8_source: bool = True) -> Plan:
+        """Each family's scheme: the old options' (the routed experts get the solver's scheme; ``scope`` "all"
+        gives it to every family, otherwise the rest stay ``unquantized``, FP8 only where the source has FP8
+        blocks), then the ``schemes`` overrides."""
+        kept: UnquantizedDtype = "fp8" if self.unquantized == "fp8" and fp8_source else "bf16"
+        base: dict[Family, GroupScheme] = {f: self.scheme if self.scope == "all" else kept for f in FAMILIES}
+        base[Family.EXPERTS] = self.scheme
+        base.update({Family(f): parse_scheme(spec) for f, spec in self.schemes})
+        return Plan(tuple(base.items()))
+
+    def solver_for(self, scheme: QuantScheme) -> SolverConfig:
+        """The solver's settings with ``scheme`` as its grid."""
+        return dataclasses.replace(self.solver, scheme=scheme)
 
     @property
     def scheme(self) -> QuantScheme:
         return self.solver.scheme
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        del d["schemes"]
+        if self.schemes:
+            d["schemes"] = dict(self.schemes)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
         solver = dict(d["solver"])
         solver["scheme"] = QuantScheme(**solver["scheme"])
-        return cls(**{**d, "solver": SolverConfig(**solver), "data": DataConfig(**d["data"])})
+        schemes = tuple(dict(d.get("schemes") or {}).items())
+        return cls(**{**d, "solver": SolverConfig(**solver), "data": DataConfig(**d["data"]), "schemes": schemes})
 
     def digest(self) -> str:
         """Stable across runs and machines: sorted JSON of every field."""
@@ -91,23 +173,70 @@ class Recipe:
 def describe(recipe: Recipe) -> str:
     """The recipe in one line for people, e.g. ``GPTQ W4 g128 sym, act-order, routed experts, 128×2048 tokens``:
     what decides the result, in the order one would say it; defaults that change nothing are left out."""
-    scheme, solver, data = recipe.scheme, recipe.solver, recipe.data
-    grid = f"g{scheme.group_size}" if scheme.group_size else "per-channel"
-    parts = [f"{recipe.method.upper()} W{scheme.bits} {grid} {'sym' if scheme.symmetric else 'asym'}"]
+    solver, data = recipe.solver, recipe.data
+    if recipe.schemes:  # one scheme per family, in the order of FAMILIES
+        plan = ", ".join(f"{f.value} {_label(s)}" for f, s in recipe.plan().schemes)
+        parts = [f"{recipe.method.upper()} {plan}"]
+    else:
+        parts = [f"{recipe.method.upper()} {_label(recipe.scheme)}"]
     if recipe.method != "rtn":
         parts += {"weight": ["act-order"], "group": ["group act-order"]}.get(solver.actorder, [])
     if solver.observer == "mse":
         parts.append("MSE scales")
-    parts.append("routed experts" if recipe.scope == "experts" else "all Linears")
+    if not recipe.schemes:
+        parts.append("routed experts" if recipe.scope == "experts" else "all Linears")
     if recipe.method != "rtn":
         parts += {
             "all": ["every token to every expert"],
             "hybrid": [f"every token to experts under {recipe.min_tokens} tokens"],
         }.get(recipe.calibration, [])
-    parts.append("unquantized Linears in FP8" if recipe.unquantized == "fp8" else "")
+    parts.append("unquantized Linears in FP8" if recipe.unquantized == "fp8" and not recipe.schemes else "")
     source = "" if data.source == "builtin" else f" of {data.source}"
     parts.append(f"{data.num_samples}×{data.seq_len} tokens{source}")
     return ", ".join(p for p in parts if p)
+
+
+def _label(scheme: GroupScheme) -> str:
+    """``W4 g128 sym``, ``NVFP4``, ``MXFP4``, ``FP8 blocks`` or ``bf16``."""
+    if isinstance(scheme, str):
+        return "FP8 blocks" if scheme == "fp8" else scheme
+    if scheme.format != "int":
+        return scheme.format.upper()
+    grid = f"g{scheme.group_size}" if scheme.group_size else "per-channel"
+    return f"W{scheme.bits} {grid} {'sym' if scheme.symmetric else 'asym'}"
+
+
+def _normalized_schemes(schemes: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """Family and canonical spec per override, in FAMILIES order; an unknown family or spec is refused here."""
+    given: dict[Family, str] = {}
+    names = ", ".join(f.value for f in FAMILIES)
+    for name, spec in schemes:
+        if name not in {f.value for f in FAMILIES}:
+            raise StreamqError(f"--scheme {name}={spec}: unknown family {name!r}; choose one of {names}")
+        scheme = parse_scheme(spec)
+        if name == Family.EXPERTS.value and not isinstance(scheme, QuantScheme):
+            raise StreamqError(
+                f"--scheme experts={spec}: the routed experts are what streamq quantizes; give them a quantized "
+                "scheme (nvfp4, mxfp4 or wNa16)"
+            )
+        given[Family(name)] = scheme_spec(scheme)
+    return tuple((f.value, given[f]) for f in FAMILIES if f in given)
+
+
+def _check_awq(plan: Plan) -> None:
+    """AWQ searches one scale per input for one grid, and folds into the shared experts when they are not
+    quantized (see smooth.py): both must be possible."""
+    if plan.of(Family.SHARED) == "fp8":
+        raise StreamqError(
+            "--method awq folds its scales into the shared experts' weights, which then cannot stay FP8: "
+            "use --unquantized bf16 or --scope all (or --scheme shared=bf16 or a quantized scheme)"
+        )
+    if len(plan.by_scheme()) > 1:
+        schemes = ", ".join(scheme_spec(s) for s in plan.by_scheme())
+        raise StreamqError(
+            f"--method awq searches its scales for one grid, but this recipe quantizes with {schemes}; use "
+            "--method gptq or rtn for mixed schemes, or give every quantized family the same --scheme"
+        )
 
 
 def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:

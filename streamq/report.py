@@ -30,6 +30,9 @@ class BlockReport:
     tokens_hessian: dict[str, float] | None = None
     fallbacks: dict[str, int] = field(default_factory=dict)
     quantized_linears: int = 0
+    # From the block's start to its shard written and its output saved, before the manifest update: the stages
+    # plus what no stage covers.
+    wall_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,12 @@ class StageClock:
     reporter: Reporter
 
     @contextmanager
-    def __call__(self, name: str, *, step: int | None = None, steps: int | None = None) -> Iterator[None]:
-        self.reporter.stage(self.report.layer, name, step=step, steps=steps)
+    def __call__(
+        self, name: str, *, step: int | None = None, steps: int | None = None, announce: bool = True
+    ) -> Iterator[None]:
+        """``announce=False``: more time for a stage already shown (the end of a background stage's work)."""
+        if announce:
+            self.reporter.stage(self.report.layer, name, step=step, steps=steps)
         start = time.perf_counter()
         yield
         self.report.seconds[name] = self.report.seconds.get(name, 0.0) + time.perf_counter() - start

@@ -199,9 +199,10 @@ class OutputDir:
     def save(self) -> None:
         write_atomic(self.path / MANIFEST_NAME, self.manifest.to_json())
 
-    def record_shard(self, key: str, file: str) -> ShardRecord:
+    def record_shard(self, key: str, file: str, sha256: str | None = None) -> ShardRecord:
+        """Record a finished shard; ``sha256``: its digest when the writer computed it (else it is read back)."""
         shard = self.path / file
-        record = ShardRecord(file, shard.stat().st_size, sha256_file(shard))
+        record = ShardRecord(file, shard.stat().st_size, sha256 or sha256_file(shard))
         self.manifest.shards[key] = record
         return record
 

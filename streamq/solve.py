@@ -7,20 +7,20 @@ only after every expert Hessian is collected: it changes every expert's input).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from streamq.distributed import Dist
 from streamq.export.compressed_tensors import pack_linear
-from streamq.groups import LinearGroup
+from streamq.groups import Family, LinearGroup
 from streamq.resume import crash_point
 from streamq.solvers.gptq import SolveOptions, gptq_quantize
 from streamq.solvers.hessian import hessian_weighted_error
 from streamq.solvers.rtn import rtn_quantize
-from streamq.solvers.scheme import QuantResult, SolverConfig
+from streamq.solvers.scheme import QuantResult, QuantScheme, SolverConfig
 
 # The Hessian-weighted error costs as much as the solve (out · in² flops in float64): the report samples every
 # ERROR_EVERY-th expert (and every non-expert group), a choice that does not depend on how solves are batched.
@@ -52,20 +52,26 @@ class Solved:
 @dataclass(frozen=True)
 class Solver:
     """What solving needs of the run: the block's modules, the solver's config and options, and where to say so
-    when a matrix needed a fallback."""
+    when a matrix needed a fallback. ``schemes``: each family's grid (a mixed recipe's plan), where it is not
+    ``config``'s."""
 
     modules: dict[str, nn.Module]
     config: SolverConfig
     options: SolveOptions
     batch: int  # experts per solver call
     on_fallback: OnFallback
+    schemes: Mapping[Family, QuantScheme] = field(default_factory=dict)
+
+    def config_for(self, group: LinearGroup) -> SolverConfig:
+        scheme = self.schemes.get(group.family, self.config.scheme)
+        return self.config if scheme == self.config.scheme else replace(self.config, scheme=scheme)
 
     def solve(self, groups: Sequence[LinearGroup], hessian: HessianOf | None, solved: Solved) -> None:
         """Solve ``groups`` (GPTQ with ``hessian``, round to nearest without), same shapes stacked."""
         by_shape: dict[tuple[int, ...], list[LinearGroup]] = {}
         for group in groups:
             shape = tuple(self.modules[m].weight.shape[0] for m in group.members)
-            key = (*shape, self.modules[group.members[0]].weight.shape[1], group.expert is None)
+            key = (*shape, self.modules[group.members[0]].weight.shape[1], group.expert is None, group.family)
             by_shape.setdefault(key, []).append(group)
         for same in by_shape.values():
             step = self.batch if same[0].expert is not None else 1
@@ -74,11 +80,12 @@ class Solver:
 
     def _solve_stack(self, groups: Sequence[LinearGroup], hessian: HessianOf | None, solved: Solved) -> None:
         weights = torch.stack([torch.cat([self.modules[m].weight for m in g.members]) for g in groups]).float()
+        config = self.config_for(groups[0])  # stacked groups are of one family
         if hessian is None:
-            result = rtn_quantize(weights, self.config)
+            result = rtn_quantize(weights, config)
         else:
             hs = torch.stack([hessian(g) for g in groups])
-            result = gptq_quantize(weights, hs, self.config, self.options)
+            result = gptq_quantize(weights, hs, config, self.options)
             # A group no calibration token reached has a zero Hessian and no defined error (0 / 0): left out of
             # the sample, so that the block's mean is over groups with data (its fallback is counted apart).
             seen = (hs.diagonal(dim1=-2, dim2=-1).sum(-1) > 0).tolist()
@@ -96,13 +103,15 @@ class Solver:
 
     def record(self, group: LinearGroup, result: QuantResult, solved: Solved) -> None:
         """Pack each member's rows of ``result`` (one group's matrix), and put the quantized weights in."""
-        scheme = self.config.scheme
+        scheme = self.config_for(group).scheme
         row = 0
         for member in group.members:
             rows = self.modules[member].weight.shape[0]
             part = result.rows(row, row + rows)
             tensors = pack_linear(part, scheme, scheme.scale_torch_dtype)
-            solved.packed[member] = {k: v.cpu() for k, v in tensors.items()}
+            # Left where they were computed: the shard writer copies them out one tensor at a time, so host
+            # memory never holds a block's packed experts (~5.6 GB at DeepSeek-V3 width).
+            solved.packed[member] = tensors
             if group.expert is None:
                 # Attention and shared/dense MLP weights change every expert's input: they go in only after
                 # all expert Hessians are collected. An expert's own weights affect nothing else.

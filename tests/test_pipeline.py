@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -18,6 +19,7 @@ import torch
 from streamq.data import DataConfig
 from streamq.errors import StreamqError
 from streamq.io.safetensors_stream import CheckpointReader
+from streamq.memory import plan_memory
 from streamq.pipeline import RunOptions, run
 from streamq.recipe import Recipe
 from streamq.report import REPORT_NAME
@@ -41,7 +43,7 @@ def output_files(out: Path) -> dict[str, bytes]:
 
 def report_without_times(out: Path) -> list[dict]:
     blocks = json.loads((out / REPORT_NAME).read_text())["blocks"]
-    return [{k: v for k, v in b.items() if k != "seconds"} for b in blocks]
+    return [{k: v for k, v in b.items() if k not in ("seconds", "wall_seconds")} for b in blocks]
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +75,25 @@ def test_only_methods_that_need_statistics_run_calibration_passes(
     quantize(tiny_checkpoint, tmp_path / "out", Recipe(data=DATA, method=method))
     # RTN needs no statistics: not one pass over the activations (GPTQ makes at least one per MoE block).
     assert (len(passes) > 0) == (method != "rtn")
+
+
+def test_shards_are_hashed_as_written_not_read_back(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest's checksums come from the bytes the writer produced (in the background, overlapped with
+    propagation), and they are the files' SHA-256, which resume verifies."""
+    import streamq.resume
+
+    def read_back(path: Path, chunk: int = 0) -> str:
+        raise AssertionError(f"{path} was read back to hash it")
+
+    monkeypatch.setattr(streamq.resume, "sha256_file", read_back)
+    out = quantize(tiny_checkpoint, tmp_path / "out")
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    shards = manifest["shards"]
+    assert len(shards) == manifest["total_shards"] == 1 + 4 + 1  # head, 4 blocks, the MTP layer
+    for record in shards.values():
+        assert record["sha256"] == hashlib.sha256((out / record["file"]).read_bytes()).hexdigest()
 
 
 # -- crash safety ---------------------------------------------------------------------------------------------
@@ -183,11 +204,11 @@ def test_disk_full_stops_cleanly_and_resumes(
     real_write = writer._write_tensor
     calls = {"n": 0}
 
-    def full_disk(f, spec, chunks):
+    def full_disk(f, spec, chunks, digest):
         calls["n"] += 1
         if calls["n"] == 40:
             raise OSError(28, "No space left on device")
-        return real_write(f, spec, chunks)
+        return real_write(f, spec, chunks, digest)
 
     monkeypatch.setattr(writer, "_write_tensor", full_disk)
     with pytest.raises(StreamqError, match=r"disk full while writing; free space on .* and rerun to resume"):
@@ -240,6 +261,46 @@ def test_chunked_expert_passes_and_untied_gate_up_give_the_same_bytes(
     shards = {k: v for k, v in output_files(reference_out).items() if k.startswith("model-")}
     assert {k: v for k, v in output_files(chunked).items() if k.startswith("model-")} == shards
     assert {k: v for k, v in output_files(untied).items() if k.startswith("model-")} == shards
+
+
+@pytest.mark.slow
+def test_later_expert_passes_start_from_the_moe_inputs_kept_on_the_device(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one expert per pass, only each MoE block's first pass reads the block's input and runs its attention
+    when the plan keeps the MoE inputs; the bytes are those of recomputing them every pass."""
+    import streamq.block_solve
+    import streamq.memory
+
+    full_passes: list[object] = []
+    real_pass = streamq.block_solve.calibration_pass
+    monkeypatch.setattr(
+        streamq.block_solve, "calibration_pass", lambda *args: full_passes.append(args[4]) or real_pass(*args)
+    )
+    one_expert_per_pass = replace(OPTIONS, hessian_budget=1)
+    kept = quantize(tiny_checkpoint, tmp_path / "kept", options=one_expert_per_pass)
+    kept_passes = len(full_passes)
+    full_passes.clear()
+    monkeypatch.setattr(streamq.memory, "CACHE_SHARE", 0.0)
+    recomputed = quantize(tiny_checkpoint, tmp_path / "recomputed", options=one_expert_per_pass)
+    assert kept_passes == 2 < len(full_passes)  # one per MoE block, against one per expert
+    plans = [json.loads((out / REPORT_NAME).read_text())["memory_plan"] for out in (kept, recomputed)]
+    assert plans[0]["cache_bytes"] > 0 == plans[1]["cache_bytes"]
+    shards = {k: v for k, v in output_files(recomputed).items() if k.startswith("model-")}
+    assert {k: v for k, v in output_files(kept).items() if k.startswith("model-")} == shards
+
+
+def test_the_moe_inputs_are_kept_only_within_half_the_solvers_share() -> None:
+    cpu = torch.device("cpu")
+    budget = 8 << 30
+    solver_share = budget - int(budget * 0.375)
+    fits = plan_memory(cpu, 0, budget, moe_input_bytes=solver_share // 2)
+    assert fits.cache_bytes == solver_share // 2 and fits.solver_bytes == solver_share - solver_share // 2
+    too_big = plan_memory(cpu, 0, budget, moe_input_bytes=solver_share // 2 + 1)
+    assert too_big.cache_bytes == 0 and too_big.solver_bytes == solver_share
+    for plan in (fits, too_big):
+        assert plan.budget == plan.hessian_bytes + plan.solver_bytes + plan.cache_bytes
+    assert "MoE inputs kept 2.5 GiB" in fits.describe() and "MoE inputs not kept" in too_big.describe()
 
 
 # -- the output loads ---------------------------------------------------------------------------------------------
@@ -299,6 +360,7 @@ import json, math, resource, sys
 from pathlib import Path
 from streamq.data import DataConfig
 from streamq.io.safetensors_stream import CheckpointReader
+from streamq.memory import plan_memory
 from streamq.pipeline import RunOptions, run
 from streamq.recipe import Recipe
 from streamq.tui import Reporter
@@ -355,7 +417,7 @@ def test_the_memory_plan_is_shown_at_the_start_and_kept_in_the_report(tiny_check
     start = shown.getvalue().splitlines()[0]
     assert "streamq: " in start and "| memory plan: " in start and "experts per solver call" in start, start
     plan = json.loads((tmp_path / "out" / REPORT_NAME).read_text())["memory_plan"]
-    assert plan["budget"] == plan["hessian_bytes"] + plan["solver_bytes"] > 0
+    assert plan["budget"] == plan["hessian_bytes"] + plan["solver_bytes"] + plan["cache_bytes"] > 0
 
 
 @pytest.mark.parametrize("extra", [(), ("--scope", "all")], ids=["experts", "all"])

@@ -21,7 +21,7 @@ import torch
 
 from streamq.config import ModelConfig
 from streamq.errors import StreamqError
-from streamq.export.checkpoint import fp8_targets, ignore_list, keeps_fp8
+from streamq.export.checkpoint import ignore_list, indexer_in_fp8, kept_fp8
 from streamq.export.compressed_tensors import INDEXER_BF16, INDEXER_FP8, INDEXER_LINEARS
 from streamq.io.safetensors_stream import CheckpointReader
 from streamq.preflight import check_tensors
@@ -78,17 +78,19 @@ def indexer_modules(cfg: ModelConfig) -> list[str]:
 
 def test_the_indexer_is_ignored_or_kept_in_the_fp8_group_never_quantized() -> None:
     cfg = ModelConfig.from_dict(synth_config(SynthOptions(preset="v32", num_layers=2, dense_layers=1)))
+    wk, weights_proj = (f"model.layers.1.self_attn.indexer.{n}" for n in ("wk", "weights_proj"))
     for scope in ("experts", "all"):
-        recipe = Recipe(scope=scope)
-        assert not keeps_fp8(cfg, recipe) and fp8_targets(cfg, recipe, False) == []
-        assert INDEXER_LINEARS in ignore_list(cfg, recipe, False)
-    fp8 = Recipe(unquantized="fp8")
-    assert keeps_fp8(cfg, fp8)
-    assert fp8_targets(cfg, fp8, True)[-1] == INDEXER_FP8 and INDEXER_BF16 in ignore_list(cfg, fp8, True)
+        plan = Recipe(scope=scope).plan()
+        assert not indexer_in_fp8(cfg, plan) and not kept_fp8(plan)(wk)
+        assert INDEXER_LINEARS in ignore_list(cfg, plan)
+    fp8 = Recipe(unquantized="fp8").plan()
+    assert indexer_in_fp8(cfg, fp8) and kept_fp8(fp8)(wk) and not kept_fp8(fp8)(weights_proj)
+    assert INDEXER_BF16 in ignore_list(cfg, fp8) and INDEXER_LINEARS not in ignore_list(cfg, fp8)
+    assert matches([INDEXER_FP8], wk) and not matches([INDEXER_FP8], weights_proj)
     # With --scope all an FP8 group for the indexer alone would be transformers' scheme for the int attention.
-    assert not keeps_fp8(cfg, Recipe(scope="all", unquantized="fp8"))
+    assert not indexer_in_fp8(cfg, Recipe(scope="all", unquantized="fp8").plan())
     v3 = ModelConfig.from_dict(synth_config(SynthOptions(preset="tiny")))
-    assert not any("indexer" in entry for entry in ignore_list(v3, Recipe(scope="all"), False))
+    assert not any("indexer" in entry for entry in ignore_list(v3, Recipe(scope="all").plan()))
     assert matches([INDEXER_LINEARS], "model.layers.0.self_attn.indexer.weights_proj")
     assert not matches([INDEXER_LINEARS], "model.layers.0.self_attn.q_b_proj")
 

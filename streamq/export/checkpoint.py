@@ -8,6 +8,7 @@ Tensors are written in sorted name order so that the bytes depend only on the co
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -20,15 +21,16 @@ from streamq.export.compressed_tensors import (
     INDEXER_BF16,
     INDEXER_FP8,
     INDEXER_LINEARS,
-    fp8_passthrough_targets,
+    bf16_ignore,
     mtp_ignore,
-    quantization_config,
+    plan_quantization_config,
 )
 from streamq.export.vllm_contract import vllm_config
+from streamq.groups import Family, module_family
 from streamq.io.atomic import write_atomic
 from streamq.io.safetensors_stream import INDEX_NAME, SCALE_SUFFIX, CheckpointReader, read_header
-from streamq.io.safetensors_write import TensorSpec, write_safetensors_together
-from streamq.recipe import Recipe
+from streamq.io.safetensors_write import Digest, TensorSpec, write_safetensors_together
+from streamq.recipe import Plan, Recipe
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 SIDE_FILES = (
@@ -42,6 +44,23 @@ SIDE_FILES = (
 )
 
 Producer = Callable[[], torch.Tensor]
+KeepFp8 = Callable[[str], bool]  # module name -> whether its FP8 weight is written as shipped
+
+
+def _never(_module: str) -> bool:
+    return False
+
+
+def kept_fp8(plan: Plan) -> KeepFp8:
+    """Whether a module's FP8 weight is kept as shipped: its family is kept in FP8 by ``plan`` (DeepSeek-V3.2's
+    indexer wq_b / wk go with the attention, see ``indexer_in_fp8``)."""
+    families = set(plan.kept("fp8"))
+    indexer = re.compile(INDEXER_FP8.removeprefix("re:"))
+
+    def keep(module: str) -> bool:
+        return (Family.ATTENTION if indexer.match(module) else module_family(module)) in families
+
+    return keep
 
 
 def stored_dtype(reader: CheckpointReader, name: str) -> torch.dtype:
@@ -59,14 +78,14 @@ def plan_tensors(
     names: Iterable[str],
     quantized: Mapping[str, Mapping[str, tuple[torch.dtype, tuple[int, ...]]]],
     packed: Mapping[str, Mapping[str, torch.Tensor]],
-    keep_fp8: bool,
+    keep_fp8: KeepFp8 = _never,
     dtype: torch.dtype = torch.bfloat16,
     overrides: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, tuple[TensorSpec, Producer]]:
     """What to write for the source tensors ``names``: for the ``quantized`` modules (their packed layout) the
     tensors in ``packed`` (with several processes, only this rank's modules are there), FP8 weights kept as
-    shipped (``keep_fp8``) or dequantized to ``dtype``, everything else as stored, except the ``overrides``
-    (tensors AWQ changed by folding its scales, written as given)."""
+    shipped (the modules ``keep_fp8`` names) or dequantized to ``dtype``, everything else as stored, except the
+    ``overrides`` (tensors AWQ changed by folding its scales, written as given)."""
     overrides = overrides or {}
     plan: dict[str, tuple[TensorSpec, Producer]] = {}
     for name in names:
@@ -81,7 +100,7 @@ def plan_tensors(
             for suffix, (tensor_dtype, shape) in quantized[module].items():
                 full = f"{module}.{suffix}"
                 plan[full] = (TensorSpec(full, tensor_dtype, shape), lambda m=module, x=suffix: packed[m][x])
-        elif info.dtype in FP8_DTYPES and keep_fp8:
+        elif info.dtype in FP8_DTYPES and keep_fp8(module):
             scale_info = reader.infos[name + SCALE_SUFFIX]
             plan[name] = (TensorSpec(name, info.dtype, info.shape), lambda n=name: reader.raw(n))
             scale_name = f"{module}.weight_scale"
@@ -102,9 +121,10 @@ def write_shard(
     on_tensor: Callable[[], None],
     dist: Dist = SINGLE,
     owner: Callable[[str], int] = lambda _name: 0,
+    digest: Digest | None = None,
 ) -> None:
     """Write ``plan``; with several processes each writes the tensors ``owner`` assigns it. ``on_tensor`` runs
-    after each tensor is produced (progress, fault injection)."""
+    after each tensor is produced (progress, fault injection); ``digest`` receives the file's bytes (rank 0)."""
 
     def produce(spec: TensorSpec) -> list[torch.Tensor]:
         tensor = plan[spec.name][1]()
@@ -115,7 +135,7 @@ def write_shard(
         return owner(spec.name) == dist.rank
 
     specs = [spec for spec, _ in plan.values()]
-    write_safetensors_together(path, specs, produce, owns, dist, {"format": "pt"})
+    write_safetensors_together(path, specs, produce, owns, dist, {"format": "pt"}, digest)
 
 
 def write_index(out_dir: Path, shard_files: Iterable[str]) -> None:
@@ -129,43 +149,38 @@ def write_index(out_dir: Path, shard_files: Iterable[str]) -> None:
     write_atomic(out_dir / INDEX_NAME, json.dumps(index, indent=2) + "\n")
 
 
-def ignore_list(cfg: ModelConfig, recipe: Recipe, keep_fp8: bool) -> list[str]:
+def ignore_list(cfg: ModelConfig, plan: Plan) -> list[str]:
     """Modules a loader must not look for quantized tensors in: lm_head, the router, the MTP layers, and the
-    decoder Linears outside the scope, unless they are kept in FP8 (the FP8 group then covers them)."""
+    decoder families the plan writes in bf16 (families kept in FP8 are covered by the FP8 group)."""
     ignore = ["lm_head", r"re:.*mlp\.gate$", *mtp_ignore(cfg.num_hidden_layers, cfg.num_nextn_predict_layers)]
-    if recipe.scope == "experts" and not keep_fp8:
-        ignore += [r"re:.*self_attn\..*", r"re:.*mlp\.(shared_experts\.)?(gate|up|down)_proj$"]
-    if cfg.indexer is not None:
-        ignore.append(INDEXER_BF16 if keep_fp8 else INDEXER_LINEARS)
-    return ignore
+    return ignore + bf16_ignore(plan.kept("bf16")) + indexer_ignore(cfg, plan)
 
 
-def keeps_fp8(cfg: ModelConfig, recipe: Recipe) -> bool:
-    """Whether the unquantized FP8 Linears keep the source's blocks (``--unquantized fp8``): only with ``--scope
-    experts``. With ``--scope all`` the only unquantized FP8 Linears left are DeepSeek-V3.2's indexer wq_b and wk,
-    and an FP8 group for them alone would become transformers' scheme for every non-expert module (it takes the
-    first group whose targets do not name the experts), so they are written in bf16 instead."""
-    return recipe.unquantized == "fp8" and cfg.fp8_block is not None and recipe.scope == "experts"
+def indexer_in_fp8(cfg: ModelConfig, plan: Plan) -> bool:
+    """Whether DeepSeek-V3.2's indexer wq_b / wk keep the source's FP8 blocks: exactly when the attention does (the
+    FP8 group then covers them). An FP8 group for the indexer alone would become transformers' scheme for every
+    non-expert module (it takes the first group whose targets do not name the experts), so never otherwise."""
+    return cfg.indexer is not None and Family.ATTENTION in plan.kept("fp8")
 
 
-def fp8_targets(cfg: ModelConfig, recipe: Recipe, keep_fp8: bool) -> list[str]:
-    """The FP8 group's targets: the Linears outside the scope and DeepSeek-V3.2's indexer wq_b / wk, as shipped."""
-    if not keep_fp8:
+def indexer_ignore(cfg: ModelConfig, plan: Plan) -> list[str]:
+    """The indexer is never quantized (it only ranks keys, and no loader has a scheme for it): its Linears are
+    ignored, except wq_b / wk when they travel in the FP8 group."""
+    if cfg.indexer is None:
         return []
-    return fp8_passthrough_targets(recipe.scope) + ([INDEXER_FP8] if cfg.indexer is not None else [])
+    return [INDEXER_BF16 if indexer_in_fp8(cfg, plan) else INDEXER_LINEARS]
 
 
 def write_config(out_dir: Path, reader: CheckpointReader, recipe: Recipe) -> None:
     """The source config with every attribute vLLM reads set to what streamq computed with (the vLLM contract:
     ``streamq/export/vllm_contract.py``) and its FP8 quantization_config replaced by the compressed-tensors one."""
     cfg = vllm_config(reader.config, reader.infos)
-    keep_fp8 = keeps_fp8(reader.config, recipe)
-    cfg["quantization_config"] = quantization_config(
-        recipe.scheme,
+    plan = recipe.plan(reader.config.fp8_block is not None)
+    cfg["quantization_config"] = plan_quantization_config(
+        plan,
         recipe.solver,
-        ignore=ignore_list(reader.config, recipe, keep_fp8),
-        fp8_targets=fp8_targets(reader.config, recipe, keep_fp8) or None,
-        scope=recipe.scope,
+        ignore=ignore_list(reader.config, plan),
+        fp8_extra=[INDEXER_FP8] if indexer_in_fp8(reader.config, plan) else [],
         fp8_block=reader.config.fp8_block or (128, 128),
     )
     cfg["torch_dtype"] = "bfloat16"

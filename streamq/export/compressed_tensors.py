@@ -56,10 +56,16 @@ and it fuses gate/up and q_a/kv_a into single Linears, so scopes are whole proje
 group carries its own ``format`` ("mixed-precision" is only a summary; no compressor by that name exists).
 transformers 5.23 decompresses all fused experts with the first group whose ``re:`` targets contain the substring
 "experts", and every other module with the first group whose targets do not: so the integer group comes first
-and the FP8 regexes avoid the word "experts" (shared experts are matched as ``mlp.shared_\\w+``). It follows that
-transformers cannot load a checkpoint whose non-expert modules mix integer and FP8 schemes, hence exactly two
-scopes: "experts" (routed experts only) and "all" (every decoder Linear). The MTP layers (index >=
-``num_hidden_layers``) and anything else to leave alone go in ``ignore``; see ``mtp_ignore``.
+and the FP8 regexes avoid the word "experts" (shared experts are matched as ``mlp.shared_\\w+``). The MTP layers
+(index >= ``num_hidden_layers``) and anything else to leave alone go in ``ignore``; see ``mtp_ignore``.
+
+Mixed recipes (``recipe.Plan``): one config group per distinct quantized scheme, its targets the families that
+scheme quantizes (routed experts first, so the experts' group comes first), then one FP8 block group for the
+families kept in FP8; families left in bf16 go in ``ignore``. The top-level ``format`` is what compressed-tensors'
+own ``ModelCompressor`` infers for the same model: the groups' format when they share one, else
+"mixed-precision". transformers 5.24's ``dequantize=True`` load decompresses every non-expert module with one group
+(see above), so it reads a mixed output correctly only when the non-expert families use at most one quantized
+scheme; vLLM and compressed-tensors match each module against every group's targets.
 
 Loading in transformers 5.23: ``AutoModelForCausalLM.from_pretrained(path,
 quantization_config=CompressedTensorsConfig(dequantize=True))`` gives a dense model. Two limits there: fused
@@ -69,7 +75,9 @@ keep the scale dtype (bf16) even when another ``dtype`` is requested.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Collection
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Literal
 
 import compressed_tensors
 import torch
@@ -77,7 +85,11 @@ from compressed_tensors.compressors import pack_to_int32
 from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
 
 from streamq.errors import StreamqError
+from streamq.groups import Family
 from streamq.solvers.scheme import QuantResult, QuantScheme, SolverConfig
+
+if TYPE_CHECKING:
+    from streamq.recipe import Plan
 
 Scope = Literal["experts", "all"]
 
@@ -96,12 +108,21 @@ MIXED_PRECISION = "mixed-precision"
 ROUTED_EXPERTS = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"
 # Dense MLPs and shared experts; deliberately free of the word "experts" (see the module docstring).
 DENSE_MLPS = r"re:.*mlp\.(shared_\w+\.)?(gate|up|down)_proj$"
+SHARED_MLPS = r"re:.*mlp\.shared_\w+\.(gate|up|down)_proj$"
+DENSE_BLOCK_MLPS = r"re:.*mlp\.(gate|up|down)_proj$"
 ATTENTION = r"re:.*self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)$"
 # DeepSeek-V3.2's indexer is never quantized (it only ranks keys, and no loader has a scheme for it): its Linears
 # are ignored, except wq_b and wk when they keep the source's FP8 blocks (they then join the FP8 group).
 INDEXER_LINEARS = r"re:.*self_attn\.indexer\.(wq_b|wk|weights_proj)$"
 INDEXER_FP8 = r"re:.*self_attn\.indexer\.(wq_b|wk)$"
 INDEXER_BF16 = r"re:.*self_attn\.indexer\.weights_proj$"
+# What a loader must skip for families written in bf16 (the entries the one-scheme outputs have always carried).
+_IGNORE_ATTENTION = r"re:.*self_attn\..*"
+_IGNORE_MLPS = {
+    frozenset({Family.SHARED, Family.DENSE}): r"re:.*mlp\.(shared_experts\.)?(gate|up|down)_proj$",
+    frozenset({Family.SHARED}): r"re:.*mlp\.shared_experts\.(gate|up|down)_proj$",
+    frozenset({Family.DENSE}): r"re:.*mlp\.(gate|up|down)_proj$",
+}
 
 _NO_GROUP_ACTORDER = (
     'actorder "group" (a g_idx that permutes groups) cannot be exported: compressed-tensors 0.20 removed it; '
@@ -123,6 +144,23 @@ def int_targets(scope: Scope) -> list[str]:
 def fp8_passthrough_targets(scope: Scope) -> list[str]:
     """The decoder Linears a DeepSeek FP8 checkpoint ships in FP8 that ``scope`` leaves unquantized."""
     return [t for t in _SCOPE_TARGETS["all"] if t not in int_targets(scope)]
+
+
+def family_targets(families: Collection[Family]) -> list[str]:
+    """The ``re:`` targets of ``families``, in FAMILIES order; shared experts and dense MLPs together are one regex
+    (the one one-scheme outputs carry)."""
+    targets = [ROUTED_EXPERTS] if Family.EXPERTS in families else []
+    mlps = frozenset(families) & {Family.SHARED, Family.DENSE}
+    if mlps:
+        targets.append(DENSE_MLPS if len(mlps) == 2 else SHARED_MLPS if Family.SHARED in mlps else DENSE_BLOCK_MLPS)
+    return targets + ([ATTENTION] if Family.ATTENTION in families else [])
+
+
+def bf16_ignore(families: Collection[Family]) -> list[str]:
+    """Ignore entries for the decoder families written unquantized in bf16."""
+    ignore = [_IGNORE_ATTENTION] if Family.ATTENTION in families else []
+    mlps = frozenset(families) & {Family.SHARED, Family.DENSE}
+    return ignore + ([_IGNORE_MLPS[mlps]] if mlps else [])
 
 
 def mtp_ignore(num_hidden_layers: int, num_nextn_predict_layers: int) -> list[str]:
@@ -182,21 +220,48 @@ def quantization_config(
     scope: Scope = "experts",
     fp8_block: tuple[int, int] = (128, 128),
 ) -> dict[str, Any]:
-    """The ``quantization_config`` entry of config.json for a checkpoint written with this module."""
+    """The ``quantization_config`` of one quantized scheme over ``scope``, with ``fp8_targets`` kept in FP8 blocks
+    (a plan's config, ``plan_quantization_config``, for callers that hold one scheme and target regexes)."""
     if solver_cfg.scheme != scheme:
         raise ValueError(f"solver config was run with {solver_cfg.scheme}, not {scheme}")
     targets = int_targets(scope)
     overlap = sorted(set(targets) & set(fp8_targets or ()))
     if overlap:
         raise StreamqError(f"{overlap} are both quantized and kept in FP8; drop them from fp8_targets")
-    groups = {"group_0": _quantized_group(scheme, solver_cfg, targets)}
+    groups = [_quantized_group(scheme, solver_cfg, targets)]
     if fp8_targets:
-        groups["group_1"] = _fp8_block_group(fp8_targets, fp8_block)
+        groups.append(_fp8_block_group(fp8_targets, fp8_block))
+    return _config(groups, ignore)
+
+
+def plan_quantization_config(
+    plan: Plan,
+    solver_cfg: SolverConfig,
+    *,
+    ignore: list[str],
+    fp8_block: tuple[int, int] = (128, 128),
+    fp8_extra: list[str] | None = None,
+) -> dict[str, Any]:
+    """The ``quantization_config`` of a run's plan: one group per quantized scheme (targets: its families), one
+    FP8 block group for the families kept in FP8 and the ``fp8_extra`` targets that travel with them (see the
+    module docstring)."""
+    groups = [
+        _quantized_group(scheme, replace(solver_cfg, scheme=scheme), family_targets(families))
+        for scheme, families in plan.by_scheme().items()
+    ]
+    if plan.kept("fp8"):
+        groups.append(_fp8_block_group(family_targets(plan.kept("fp8")) + list(fp8_extra or ()), fp8_block))
+    return _config(groups, ignore)
+
+
+def _config(groups: list[dict[str, Any]], ignore: list[str]) -> dict[str, Any]:
+    formats = {group["format"] for group in groups}
     return {
         "quant_method": "compressed-tensors",
-        "format": MIXED_PRECISION if len(groups) > 1 else _COMPRESSION_FORMAT[scheme.format],
+        # compressed-tensors' own inference (compressors/format.py): one format, or "mixed-precision".
+        "format": formats.pop() if len(formats) == 1 else MIXED_PRECISION,
         "quantization_status": "compressed",
-        "config_groups": groups,
+        "config_groups": {f"group_{i}": group for i, group in enumerate(groups)},
         "ignore": list(ignore),
         "kv_cache_scheme": None,
         "global_compression_ratio": None,

@@ -24,6 +24,13 @@ def int_bits(config: dict[str, Any]) -> int | None:
     return None
 
 
+def packed_bits(words: int, in_features: int, first: int) -> int | None:
+    """The bit width (``first`` tried first: the config's) whose rows of ``in_features`` codes take ``words`` int32
+    words: a module's own, so that a mixed recipe's integer groups (W4 experts beside W8 shared experts) each read
+    back with theirs."""
+    return next((b for b in (first, 2, 3, 4, 8) if -(-in_features * b // 32) == words), None)
+
+
 def dequantize_packed(
     packed: torch.Tensor,
     scale: torch.Tensor,

@@ -25,7 +25,7 @@ import torch
 
 from streamq.config import ModelConfig
 from streamq.errors import StreamqError
-from streamq.io.packed import dequantize_packed, int_bits
+from streamq.io.packed import dequantize_packed, int_bits, packed_bits
 from streamq.kernels.fp8_blocks import dequant_fp8_blocks
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -220,13 +220,20 @@ class CheckpointReader:
     def _unpack(self, name: str, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
         if self.packed_bits is None:
             raise StreamqError(f"{self.dir / 'config.json'}: packed weights but no integer quantization_config group")
-        zero = name + "_zero_point"
+        packed, zero = self.infos[name + "_packed"], name + "_zero_point"
+        shape = self.raw(name + "_shape") if packed.dtype == torch.int32 else None  # FP4 Linears have none
+        bits = None if shape is None else packed_bits(packed.shape[-1], int(shape[-1]), self.packed_bits)
+        if shape is None or bits is None:
+            raise StreamqError(
+                f"{packed.file}: {packed.name} is not integer pack-quantized (an FP4 Linear?); streamq reads integer "
+                "outputs only: score FP4 through a dense copy (bench/formats.py)"
+            )
         return dequantize_packed(
             self.raw(name + "_packed", device),
             self.raw(name + "_scale", device),
-            self.raw(name + "_shape"),
+            shape,
             self.raw(zero, device) if zero in self.infos else None,
-            self.packed_bits,
+            bits,
             dtype,
         )
 
