@@ -38,10 +38,12 @@ def _root() -> None:
     """Quantize DeepSeek-V3-style MoE checkpoints with GPTQ, one block at a time."""
 
 
-@app.command(short_help="Write a synthetic checkpoint in DeepSeek-V3's layout.")
+@app.command(short_help="Write a synthetic checkpoint in DeepSeek's release layout.")
 def synth(
     out: Annotated[Path, typer.Argument(help="Directory to write the checkpoint into.")],
-    preset: Annotated[str, typer.Option(help="tiny (CPU tests) or v3 (DeepSeek-V3 width).")] = "tiny",
+    preset: Annotated[
+        str, typer.Option(help="tiny (CPU tests), v3 (DeepSeek-V3 width), v2-lite or kimi-k2 (tiny, real routing).")
+    ] = "tiny",
     layers: Annotated[int | None, typer.Option(help="Decoder layers (default: the preset's).")] = None,
     dense_layers: Annotated[int | None, typer.Option(help="Leading dense layers (first_k_dense_replace).")] = None,
     experts: Annotated[int | None, typer.Option(help="Routed experts per MoE layer (default: the preset's).")] = None,
@@ -58,7 +60,7 @@ def synth(
         typer.Option(help="Linears as fp8 (DeepSeek's 128x128 blocks), bf16, or int4 (experts as Kimi-K2-Thinking)."),
     ] = "fp8",
 ) -> None:
-    """Write a synthetic checkpoint in DeepSeek-V3's release layout (FP8 blocks, shards, index)."""
+    """Write a synthetic checkpoint in DeepSeek's release layout (FP8 blocks, shards, index)."""
     from streamq.synth import PRESETS, SynthOptions, write_synthetic_checkpoint
     from streamq.synth_formats import SOURCE_FORMATS
 

@@ -1,8 +1,11 @@
-"""The model's shape, read from a checkpoint's config.json.
+"""The model's shape and routing, read from a checkpoint's config.json.
 
-Both config styles are accepted: DeepSeek's release (``rope_scaling``, ``rope_theta``) and transformers 5
-(``rope_parameters``, ``rope_interleave``). Nothing here is a default for DeepSeek-V3 itself: every
-checkpoint fact comes from the file.
+The architecture is config.json's ``architectures`` / ``model_type`` (DeepSeek-V2 and V2-Lite, V3 and R1, V3.2,
+Kimi-K2), never the model's name; the router is its ``scoring_func`` + ``topk_method`` pair, checked against the
+pairs the native Gate implements. Both config styles are accepted: DeepSeek's release (``rope_scaling``,
+``rope_theta``) and transformers 5 (``rope_parameters``, ``rope_interleave``). Nothing here is a default for
+DeepSeek-V3 itself: every checkpoint fact comes from the file, and a field the file leaves out takes the default of
+its family's reference configuration code.
 """
 
 from __future__ import annotations
@@ -15,8 +18,23 @@ from typing import Any
 
 from streamq.errors import StreamqError
 
-SUPPORTED_ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM")
-SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v32")
+# The architecture comes from config.json's ``architectures`` or ``model_type``, never from the model's name. Each
+# maps to the family whose reference code sets the defaults of routing fields a config leaves out (DeepSeek-V2's
+# configuration code: softmax + greedy, no renormalisation; DeepSeek-V3's: sigmoid + noaux_tc, renormalised).
+# Kimi-K2 ships DeepSeek-V3's architecture under model_type kimi_k2; V3.2 adds an indexer to V3's attention.
+V2, V3 = "deepseek_v2", "deepseek_v3"
+ARCHITECTURES = {"DeepseekV2ForCausalLM": V2, "DeepseekV3ForCausalLM": V3, "DeepseekV32ForCausalLM": V3}
+MODEL_TYPES = {"deepseek_v2": V2, "deepseek_v3": V3, "deepseek_v32": V3, "kimi_k2": V3}
+ROUTING_DEFAULTS = {
+    V2: {"scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": False},
+    V3: {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True},
+}
+# (scoring_func, topk_method) pairs the published models use, each implemented by model/deepseek.py's Gate.
+ROUTINGS = {
+    ("softmax", "greedy"): "DeepSeek-V2-Lite",
+    ("softmax", "group_limited_greedy"): "DeepSeek-V2",
+    ("sigmoid", "noaux_tc"): "DeepSeek-V3, Kimi-K2",
+}
 
 
 @dataclass(frozen=True)
@@ -73,10 +91,17 @@ class ModelConfig:
     rms_norm_eps: float
     max_position_embeddings: int
     rope: RopeConfig
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
     tie_word_embeddings: bool = False
     fp8_block: tuple[int, int] | None = None
     indexer: IndexerConfig | None = None  # DeepSeek-V3.2's sparse attention; None for dense-attention models
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def uses_correction_bias(self) -> bool:
+        """The router reads ``e_score_correction_bias`` (it steers which experts are chosen)."""
+        return self.topk_method == "noaux_tc"
 
     @property
     def qk_head_dim(self) -> int:
@@ -104,12 +129,12 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        check_architecture(cfg, source)
+        family = architecture_family(cfg, source)
         try:
-            return _parse(cfg)
+            return _parse(cfg, family)
         except KeyError as exc:
             raise StreamqError(
-                f"{source}: required field {exc.args[0]!r} is missing; is this a DeepSeek-V3 config?"
+                f"{source}: required field {exc.args[0]!r} is missing; is this a DeepSeek-V2/V3 config?"
             ) from None
         except (TypeError, ValueError) as exc:
             raise StreamqError(f"{source}: invalid value ({exc}); fix the field or re-download the config") from None
@@ -130,31 +155,67 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def check_architecture(cfg: dict[str, Any], source: str) -> None:
-    archs = cfg.get("architectures") or []
+def architecture_family(cfg: dict[str, Any], source: str) -> str:
+    """``deepseek_v2`` or ``deepseek_v3``, from config.json's ``architectures`` or ``model_type``."""
+    for arch in cfg.get("architectures") or []:
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
     model_type = cfg.get("model_type")
-    if any(a in SUPPORTED_ARCHITECTURES for a in archs) or model_type in SUPPORTED_MODEL_TYPES:
-        return
-    found = ", ".join(archs) or model_type or "nothing"
+    if model_type in MODEL_TYPES:
+        return MODEL_TYPES[model_type]
+    found = ", ".join(cfg.get("architectures") or []) or model_type or "nothing"
     raise StreamqError(
-        f"{source}: unsupported architecture {found}; streamq quantizes DeepseekV3ForCausalLM checkpoints "
-        "(DeepSeek-V3, DeepSeek-R1 and their fine-tunes)"
+        f"{source}: unsupported architecture {found}; streamq reads architectures {', '.join(ARCHITECTURES)} "
+        f"(model_type {', '.join(MODEL_TYPES)}): DeepSeek-V2/V2-Lite, V3/R1, V3.2, Kimi-K2 and their fine-tunes"
     )
 
 
-def _parse(cfg: dict[str, Any]) -> ModelConfig:
-    scoring = cfg.get("scoring_func", "sigmoid")
-    topk_method = cfg.get("topk_method", "noaux_tc")
-    if scoring != "sigmoid" or topk_method != "noaux_tc":
+def _routing(cfg: dict[str, Any], family: str) -> tuple[str, str]:
+    """(scoring_func, topk_method), refused unless the pair is one the Gate implements."""
+    defaults = ROUTING_DEFAULTS[family]
+    scoring = cfg.get("scoring_func") or defaults["scoring_func"]
+    method = cfg.get("topk_method") or defaults["topk_method"]
+    if (scoring, method) not in ROUTINGS:
+        known = "; ".join(f"{s} + {m} ({models})" for (s, m), models in ROUTINGS.items())
+        raise ValueError(f"scoring_func {scoring!r} with topk_method {method!r} is not supported; supported: {known}")
+    return scoring, method
+
+
+def _check_groups(n_experts: int, top_k: int, n_group: int, topk_group: int, method: str) -> None:
+    if n_experts and n_experts % n_group:
+        raise ValueError(f"n_routed_experts={n_experts} is not divisible by n_group={n_group}")
+    if method == "greedy" or not n_experts:
+        return
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"topk_group={topk_group} must be between 1 and n_group={n_group}")
+    if topk_group * (n_experts // n_group) < top_k:
         raise ValueError(
-            f"scoring_func={scoring!r}, topk_method={topk_method!r}; only sigmoid + noaux_tc routing is supported"
+            f"num_experts_per_tok={top_k} exceeds the {topk_group * (n_experts // n_group)} experts of the "
+            f"topk_group={topk_group} groups {method} keeps"
         )
+
+
+def _check_weighting(scoring: str, norm: bool, scaling: float) -> None:
+    if scoring == "softmax" and norm and scaling != 1.0:
+        # DeepSeek-V2's code scales only unnormalised weights; vLLM and transformers' V3 scale after normalising.
+        raise ValueError(
+            f"norm_topk_prob true with scoring_func softmax and routed_scaling_factor {scaling}: DeepSeek-V2's "
+            "code and vLLM disagree on this combination; supported: routed_scaling_factor 1.0 or norm_topk_prob false"
+        )
+
+
+def _parse(cfg: dict[str, Any], family: str) -> ModelConfig:
+    scoring, topk_method = _routing(cfg, family)
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={cfg['hidden_act']!r}; only silu is supported")
     n_experts = int(cfg.get("n_routed_experts") or 0)
     n_group = int(cfg.get("n_group") or 1)
-    if n_experts and n_experts % n_group:
-        raise ValueError(f"n_routed_experts={n_experts} is not divisible by n_group={n_group}")
+    topk_group = int(cfg.get("topk_group") or 1)
+    top_k = int(cfg.get("num_experts_per_tok") or 0)
+    _check_groups(n_experts, top_k, n_group, topk_group, topk_method)
+    norm = bool(cfg.get("norm_topk_prob", ROUTING_DEFAULTS[family]["norm_topk_prob"]))
+    scaling = float(cfg.get("routed_scaling_factor", 1.0))
+    _check_weighting(scoring, norm, scaling)
     q_lora = cfg.get("q_lora_rank")
     return ModelConfig(
         vocab_size=int(cfg["vocab_size"]),
@@ -170,17 +231,19 @@ def _parse(cfg: dict[str, Any]) -> ModelConfig:
         v_head_dim=int(cfg["v_head_dim"]),
         n_routed_experts=n_experts,
         n_shared_experts=int(cfg.get("n_shared_experts") or 0),
-        num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
+        num_experts_per_tok=top_k,
         n_group=n_group,
-        topk_group=int(cfg.get("topk_group") or 1),
-        norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
-        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+        topk_group=topk_group,
+        norm_topk_prob=norm,
+        routed_scaling_factor=scaling,
         first_k_dense_replace=int(cfg.get("first_k_dense_replace") or 0),
         moe_layer_freq=int(cfg.get("moe_layer_freq") or 1),
         num_nextn_predict_layers=int(cfg.get("num_nextn_predict_layers", cfg.get("num_mtp_layers", 0)) or 0),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         rope=_parse_rope(cfg),
+        scoring_func=scoring,
+        topk_method=topk_method,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         fp8_block=_parse_fp8(cfg.get("quantization_config")),
         indexer=_parse_indexer(cfg),

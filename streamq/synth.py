@@ -1,13 +1,16 @@
-"""Synthetic checkpoints in DeepSeek-V3's release layout.
+"""Synthetic checkpoints in DeepSeek's release layout, one preset per architecture streamq reads: ``tiny`` and
+``v3`` (DeepSeek-V3 at tiny and at full width), ``v2-lite`` (DeepSeek-V2-Lite) and ``kimi-k2`` (Kimi-K2), the
+last two at tiny width with their real routing and rope fields.
 
 The config uses the release's field names (``rope_scaling`` yarn, ``quantization_config`` fp8 [128, 128], …),
 or transformers 5's (``rope_parameters``, ``rope_interleave``) with ``SynthOptions(config_style="transformers5")``;
 linear weights are float8 e4m3 with ``weight_scale_inv`` block scales, norms and the router are bf16, the
-router's correction bias float32 (``SynthOptions.source_format`` "bf16" stores the Linears in bf16 and "int4"
-packs the routed experts as Kimi-K2-Thinking does: see synth_formats.py); the first layers are dense, the rest
-MoE, and the multi-token-prediction layers follow the decoder layers. Tensors are generated and written one row
-slab at a time, so even the full DeepSeek-V3 width never holds more than one slab in RAM. Every tensor's values
-come from a generator seeded by its name, so a checkpoint is reproducible and independent of the shard layout.
+router's correction bias (noaux_tc routing only) float32 (``SynthOptions.source_format`` "bf16" stores the Linears
+in bf16 and "int4" packs the routed experts as Kimi-K2-Thinking does: see synth_formats.py); the first layers are
+dense, the rest MoE, and the multi-token-prediction layers follow the decoder layers. Tensors are generated and
+written one row slab at a time, so even the full DeepSeek-V3 width never holds more than one slab in RAM. Every
+tensor's values come from a generator seeded by its name, so a checkpoint is reproducible and independent of the
+shard layout.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 import torch
 
+from streamq.config import ModelConfig
 from streamq.errors import StreamqError
 from streamq.io.safetensors_stream import INDEX_NAME, SCALE_SUFFIX
 from streamq.io.safetensors_write import TensorSpec, write_safetensors
@@ -97,6 +101,80 @@ PRESETS: dict[str, dict[str, object]] = {
         "topk_group": 2,
         "routed_scaling_factor": 2.5,
         "num_nextn_predict_layers": 1,
+    },
+    # DeepSeek-V2-Lite's architecture at tiny width: q projected directly (q_lora_rank null), softmax scores,
+    # greedy top-6 of 64 experts without renormalisation, two shared experts, one dense layer, its YaRN rope.
+    "v2-lite": {
+        "architectures": ["DeepseekV2ForCausalLM"],
+        "model_type": "deepseek_v2",
+        "vocab_size": 2048,
+        "hidden_size": 256,
+        "intermediate_size": 384,
+        "moe_intermediate_size": 128,
+        "num_hidden_layers": 3,
+        "first_k_dense_replace": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": None,
+        "kv_lora_rank": 128,
+        "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 32,
+        "v_head_dim": 32,
+        "n_routed_experts": 64,
+        "n_shared_experts": 2,
+        "num_experts_per_tok": 6,
+        "n_group": 1,
+        "topk_group": 1,
+        "norm_topk_prob": False,
+        "routed_scaling_factor": 1.0,
+        "scoring_func": "softmax",
+        "topk_method": "greedy",
+        "rope_scaling": {
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "factor": 40,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+            "original_max_position_embeddings": 4096,
+            "type": "yarn",
+        },
+        "num_nextn_predict_layers": 0,
+    },
+    # Kimi-K2's architecture at tiny width: DeepSeek-V3's under model_type kimi_k2, 384 experts in one group
+    # (top-8), routed_scaling_factor 2.827, one dense layer, rope theta 50000 with YaRN factor 32, no MTP layer.
+    "kimi-k2": {
+        "model_type": "kimi_k2",
+        "vocab_size": 2048,
+        "hidden_size": 256,
+        "intermediate_size": 384,
+        "moe_intermediate_size": 128,
+        "num_hidden_layers": 3,
+        "first_k_dense_replace": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 384,
+        "kv_lora_rank": 128,
+        "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 32,
+        "v_head_dim": 32,
+        "n_routed_experts": 384,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 8,
+        "n_group": 1,
+        "topk_group": 1,
+        "routed_scaling_factor": 2.827,
+        "max_position_embeddings": 131072,
+        "rope_theta": 50000.0,
+        "rope_scaling": {
+            "beta_fast": 1.0,
+            "beta_slow": 1.0,
+            "factor": 32.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "original_max_position_embeddings": 4096,
+            "type": "yarn",
+        },
+        "num_nextn_predict_layers": 0,
     },
     # DeepSeek-V3/R1 width; choose the number of layers for a benchmark.
     "v3": {
@@ -177,8 +255,11 @@ def synth_config(opts: SynthOptions) -> dict[str, object]:
 
 def transformers5_style(cfg: dict[str, Any]) -> dict[str, Any]:
     """``cfg`` as transformers 5 writes it: the rope in ``rope_parameters`` (theta inside), ``rope_interleave``,
-    and no ``topk_method`` / ``scoring_func`` (its DeepseekV3Config does not declare them)."""
-    legacy = ("rope_scaling", "rope_theta", "topk_method", "scoring_func")
+    no ``scoring_func`` (neither DeepseekV2Config nor DeepseekV3Config declares it), and no ``topk_method`` except
+    for V2 (DeepseekV2Config declares it)."""
+    legacy = ("rope_scaling", "rope_theta", "scoring_func")
+    if cfg.get("model_type") != "deepseek_v2":
+        legacy += ("topk_method",)
     out = {k: v for k, v in cfg.items() if k not in legacy}
     scaling = dict(cfg["rope_scaling"])
     scaling["rope_type"] = scaling.pop("type")
@@ -203,6 +284,11 @@ def fit_routing(cfg: dict[str, object], experts: int) -> dict[str, int]:
 def tokenizer_vocab_size(tokenizer_dir: Path) -> int:
     """Ids used by tokenizer.json (base vocabulary and added tokens), or by a tiktoken BPE and its special
     tokens, rounded up to a multiple of 128."""
+    if not any((Path(tokenizer_dir) / n).is_file() for n in ("tokenizer.json", "tiktoken.model")):
+        raise StreamqError(
+            f"--tokenizer {tokenizer_dir}: has neither tokenizer.json nor tiktoken.model; pass the directory of a "
+            "model's tokenizer files"
+        )
     if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
         tokenizer = load_tiktoken_tokenizer(Path(tokenizer_dir))
         return -(-(tokenizer.encoding.max_token_value + 1) // 128) * 128
@@ -249,6 +335,8 @@ class _Tensor:
 
 def checkpoint_tensors(cfg: dict) -> list[_Tensor]:
     h, v = int(cfg["hidden_size"]), int(cfg["vocab_size"])
+    # The parsed config decides the router's tensors: a correction bias only for noaux_tc routing.
+    bias = ModelConfig.from_dict(cfg, "synthetic config").uses_correction_bias
     tensors = [_Tensor("model.embed_tokens.weight", (v, h), "embed")]
     n_layers = int(cfg["num_hidden_layers"])
     for layer in range(n_layers + int(cfg["num_nextn_predict_layers"])):
@@ -260,7 +348,7 @@ def checkpoint_tensors(cfg: dict) -> list[_Tensor]:
                 _Tensor(p + "hnorm.weight", (h,), "norm"),
                 _Tensor(p + "eh_proj.weight", (h, 2 * h), "dense"),
             ]
-        tensors += _block_tensors(cfg, layer, p)
+        tensors += _block_tensors(cfg, layer, p, bias)
         if layer >= n_layers:
             tensors += [
                 _Tensor(p + "shared_head.norm.weight", (h,), "norm"),
@@ -278,7 +366,7 @@ def _stored_as(tensor: _Tensor, qcfg: dict[str, Any] | None) -> _Tensor:
     return replace(tensor, kind=linear_kind(qcfg, tensor.name.removesuffix(".weight")))
 
 
-def _block_tensors(cfg: dict, layer: int, p: str) -> list[_Tensor]:
+def _block_tensors(cfg: dict, layer: int, p: str, bias: bool) -> list[_Tensor]:
     h, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
     qk = int(cfg["qk_nope_head_dim"]) + int(cfg["qk_rope_head_dim"])
     kv_rank, q_rank = int(cfg["kv_lora_rank"]), cfg.get("q_lora_rank")
@@ -305,10 +393,9 @@ def _block_tensors(cfg: dict, layer: int, p: str) -> list[_Tensor]:
     if layer < int(cfg["first_k_dense_replace"]) or int(cfg["n_routed_experts"]) == 0:
         return out + _mlp_tensors(p + "mlp.", h, int(cfg["intermediate_size"]))
     n_exp, inter = int(cfg["n_routed_experts"]), int(cfg["moe_intermediate_size"])
-    out += [
-        _Tensor(p + "mlp.gate.weight", (n_exp, h), "dense"),
-        _Tensor(p + "mlp.gate.e_score_correction_bias", (n_exp,), "bias"),
-    ]
+    out.append(_Tensor(p + "mlp.gate.weight", (n_exp, h), "dense"))
+    if bias:
+        out.append(_Tensor(p + "mlp.gate.e_score_correction_bias", (n_exp,), "bias"))
     for e in range(n_exp):
         out += _mlp_tensors(f"{p}mlp.experts.{e}.", h, inter)
     if int(cfg["n_shared_experts"]):

@@ -1,4 +1,6 @@
-"""transformers' DeepseekV3ForCausalLM on a streamq checkpoint's dequantized weights: the reference model.
+"""transformers' DeepseekV2ForCausalLM / DeepseekV3ForCausalLM on a streamq checkpoint's dequantized weights: the
+reference model, chosen by the architecture config.json names (Kimi-K2 declares DeepseekV3ForCausalLM; transformers
+has no kimi_k2 model type).
 
 transformers 5 keeps routed experts fused (``mlp.experts.gate_up_proj`` [E, 2I, H], ``mlp.experts.down_proj``
 [E, H, I]); the release stores them per expert. This maps one onto the other.
@@ -9,17 +11,31 @@ from __future__ import annotations
 import re
 
 import torch
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import (
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
+from streamq.config import V2, architecture_family
 from streamq.io.safetensors_stream import CheckpointReader
 from streamq.model.deepseek import MTP_EXTRAS
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 
 
-def hf_config(reader: CheckpointReader) -> DeepseekV3Config:
-    raw = {k: v for k, v in reader.config.raw.items() if k != "quantization_config"}
-    cfg = DeepseekV3Config.from_dict(raw)
+def hf_classes(raw: dict) -> tuple[type[PretrainedConfig], type[PreTrainedModel]]:
+    if architecture_family(raw, "config.json") == V2:
+        return DeepseekV2Config, DeepseekV2ForCausalLM
+    return DeepseekV3Config, DeepseekV3ForCausalLM
+
+
+def hf_config(reader: CheckpointReader) -> PretrainedConfig:
+    raw = {k: v for k, v in reader.config.raw.items() if k not in ("quantization_config", "model_type")}
+    cfg = hf_classes(reader.config.raw)[0].from_dict(raw)
     cfg._attn_implementation = "eager"
     return cfg
 
@@ -51,9 +67,9 @@ def hf_state_dict(reader: CheckpointReader, dtype: torch.dtype = torch.float32) 
     return out
 
 
-def hf_model(reader: CheckpointReader, dtype: torch.dtype = torch.float32) -> DeepseekV3ForCausalLM:
+def hf_model(reader: CheckpointReader, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(hf_config(reader))
+        model = hf_classes(reader.config.raw)[1](hf_config(reader))
     model.load_state_dict(hf_state_dict(reader, dtype), assign=True, strict=True)
     # Non-persistent buffers (rotary frequencies) were created on the meta device: rebuild them.
     model.model.rotary_emb = type(model.model.rotary_emb)(model.config)

@@ -63,7 +63,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path: Path, monkeypatch,
     code, err = cli(monkeypatch, capsys, "synth", str(tmp_path / "m"), "--preset", "huge")
     assert code == 2
     assert err.strip() == f"error: --preset huge: unknown; choose one of {', '.join(PRESETS)}"
-    assert {"tiny", "v3", "v32"} <= set(PRESETS)
+    assert {"tiny", "v3", "v32", "v2-lite", "kimi-k2"} <= set(PRESETS)
 
 
 def test_an_unreachable_hub_model_is_a_clear_error(tmp_path: Path, monkeypatch, capsys) -> None:

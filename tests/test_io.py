@@ -167,7 +167,8 @@ def test_unsupported_architecture_is_named(broken: Path) -> None:
     (broken / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(
         StreamqError,
-        match=r"config.json: unsupported architecture LlamaForCausalLM; streamq quantizes DeepseekV3ForCausalLM",
+        match=r"config.json: unsupported architecture LlamaForCausalLM; streamq reads architectures "
+        r"DeepseekV2ForCausalLM, DeepseekV3ForCausalLM",
     ):
         CheckpointReader(broken)
 

@@ -10,7 +10,8 @@ from github.com/vllm-project/vllm:
     @ 0036026e7171bd02e3c1d4687b102dec9c446049
   vllm/model_executor/layers/mla.py @ 00b9b7ad3a37ff624e5816d1b7ae713ecb0a705f (reads no config attribute)
 Outputs come from both config styles of the same synthetic model: DeepSeek's release (rope_scaling, topk_method,
-scoring_func) and transformers 5 (rope_parameters, rope_interleave, neither topk_method nor scoring_func). The
+scoring_func) and transformers 5 (rope_parameters, rope_interleave, neither topk_method nor scoring_func), for
+DeepSeek-V3's routing (sigmoid + noaux_tc) and DeepSeek-V2's (softmax; greedy as V2-Lite, group-limited as V2). The
 vLLM arithmetic below (YaRN frequencies and scales, grouped top-k routing) is re-derived from those files, and
 reads the config the way vLLM does: through transformers, then getattr / .get with vLLM's defaults.
 """
@@ -25,6 +26,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from hf_reference import hf_classes
 
 from streamq.config import ModelConfig
 from streamq.data import DataConfig
@@ -39,23 +41,33 @@ from streamq.export.vllm_contract import (
     vllm_values,
 )
 from streamq.io.safetensors_stream import INDEX_NAME, CheckpointReader
-from streamq.model.deepseek import load_block, rope_frequencies
+from streamq.model.deepseek import Gate, load_block, rope_frequencies
 from streamq.pipeline import RunOptions, run
 from streamq.recipe import Recipe
 from streamq.synth import CONFIG_STYLES, SynthOptions, synth_config, write_synthetic_checkpoint
 from streamq.tui import Reporter
 
 # One dense and one MoE block, RTN: the config is what is under test, not the solver.
-SYNTH = dict(preset="tiny", num_layers=2, dense_layers=1, shards=2)
+SYNTH = dict(num_layers=2, dense_layers=1, shards=2)
+V2_GROUPED = {"q_lora_rank": 384, "n_group": 8, "topk_group": 3, "topk_method": "group_limited_greedy"}
+SOURCES = {
+    **{f"v3-{style}": SynthOptions(preset="tiny", **SYNTH, config_style=style) for style in CONFIG_STYLES},
+    **{f"v2-lite-{style}": SynthOptions(preset="v2-lite", **SYNTH, config_style=style) for style in CONFIG_STYLES},
+    "v2-group-limited": SynthOptions(
+        preset="v2-lite", **SYNTH, overrides={**V2_GROUPED, "routed_scaling_factor": 16.0}
+    ),
+    # Kimi-K2's routing (one group, scaling 2.827) under model_type kimi_k2, with 48 of its 384 experts.
+    "kimi-k2": SynthOptions(preset="kimi-k2", **SYNTH, experts=48),
+}
 RECIPE = Recipe(method="rtn", data=DataConfig(num_samples=2, seq_len=16))
 OPTIONS = RunOptions(device="cpu", dtype="float32", token_budget=32)
 
 
-@pytest.fixture(scope="module", params=CONFIG_STYLES)
+@pytest.fixture(scope="module", params=SOURCES)
 def style_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(source checkpoint, `streamq run` output) for one config style."""
+    """(source checkpoint, `streamq run` output) for one routing family and config style."""
     root = tmp_path_factory.mktemp(request.param)
-    source = write_synthetic_checkpoint(root / "model", SynthOptions(**SYNTH, config_style=request.param))
+    source = write_synthetic_checkpoint(root / "model", SOURCES[request.param])
     with Reporter(None, display="none") as reporter:
         out = run(source, root / "out", RECIPE, OPTIONS, reporter)
     return source, out
@@ -76,10 +88,12 @@ def at(config: dict[str, Any], attribute: Attribute) -> Any:
 
 
 def as_vllm_loads(config: dict[str, Any]) -> Any:
-    """The config object vLLM's HFConfigParser hands the model: transformers 5's DeepseekV3Config."""
-    from transformers import DeepseekV3Config
+    """The config object vLLM's HFConfigParser hands the model: transformers 5's DeepseekV2Config for model_type
+    deepseek_v2, else DeepseekV3Config (vLLM registers it for kimi_k2 and deepseek_v32 too)."""
+    from transformers import DeepseekV2Config, DeepseekV3Config
 
-    return DeepseekV3Config(**{k: v for k, v in config.items() if k != "quantization_config"})
+    config_class = DeepseekV2Config if config.get("model_type") == "deepseek_v2" else DeepseekV3Config
+    return config_class(**{k: v for k, v in config.items() if k not in ("quantization_config", "model_type")})
 
 
 def vllm_sees(written: dict[str, Any]) -> dict[str, Any]:
@@ -122,7 +136,9 @@ def vllm_rope(seen: dict[str, Any], rotary_dim: int, qk_head_dim: int) -> tuple[
     return inv_freq, cos_factor, softmax_scale * yarn_get_mscale(factor, mscale_all_dim) ** 2
 
 
-def vllm_route(seen: dict[str, Any], logits: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def vllm_route(
+    seen: dict[str, Any], logits: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """grouped_topk: the bias exists only for topk_method noaux_tc (DeepseekV2MoE)."""
     correction = bias if seen["topk_method"] == "noaux_tc" else None
     scores = logits.sigmoid() if seen["scoring_func"] == "sigmoid" else logits.softmax(-1)
@@ -145,8 +161,9 @@ def vllm_route(seen: dict[str, Any], logits: torch.Tensor, bias: torch.Tensor) -
 def test_written_config_carries_every_contract_attribute(style_run: tuple[Path, Path]) -> None:
     source, out = style_run
     written = json.loads((out / "config.json").read_text())
-    expected = vllm_values(ModelConfig.load(source), index_names(source))
-    assert expected[("topk_method",)] == "noaux_tc" and expected[("scoring_func",)] == "sigmoid"
+    cfg = ModelConfig.load(source)
+    expected = vllm_values(cfg, index_names(source))
+    assert (expected[("topk_method",)], expected[("scoring_func",)]) == (cfg.topk_method, cfg.scoring_func)
     for attribute in ATTRIBUTES:
         assert at(written, attribute) == expected[attribute.path], attribute.name
 
@@ -226,6 +243,30 @@ def test_defaults_that_differ_between_streamq_and_transformers_are_written_out()
     assert (seen["first_k_dense_replace"], seen["q_lora_rank"]) == (0, None)
 
 
+def test_greedy_routing_reaches_vllm_as_one_group() -> None:
+    """vLLM always routes through grouped_topk: a greedy source with n_group 8 is written as one group, so vLLM
+    ranks all experts together as DeepSeek-V2's greedy (and streamq) does."""
+    cfg = ModelConfig.from_dict(synth_config(SynthOptions(preset="v2-lite", overrides={"n_group": 8, "topk_group": 3})))
+    seen = vllm_sees(vllm_config(cfg, set()))  # no correction bias needed (nor present) for softmax routing
+    assert (seen["topk_method"], seen["scoring_func"], seen["n_group"], seen["topk_group"]) == (
+        "greedy",
+        "softmax",
+        1,
+        1,
+    )
+    gate = Gate(cfg)
+    gen = torch.Generator().manual_seed(0)
+    gate.weight.data = torch.randn(cfg.n_routed_experts, cfg.hidden_size, generator=gen)
+    x = torch.randn(256, cfg.hidden_size, generator=gen)
+    ours_w, ours_ids = gate(x)
+    theirs_w, theirs_ids = vllm_route(seen, F.linear(x, gate.weight), None)
+    order, theirs_order = ours_ids.sort(-1), theirs_ids.sort(-1)
+    assert torch.equal(order.values, theirs_order.values)
+    torch.testing.assert_close(ours_w.gather(1, order.indices), theirs_w.gather(1, theirs_order.indices))
+    grouped = vllm_route({**seen, "n_group": 8, "topk_group": 3}, F.linear(x, gate.weight), None)[1]
+    assert not torch.equal(grouped.sort(-1).values, order.values)  # the source's groups would have changed routing
+
+
 def test_a_router_without_its_correction_bias_is_refused() -> None:
     cfg = ModelConfig.from_dict(synth_config(SynthOptions(preset="tiny")))
     names = {f"model.layers.{i}.mlp.gate.e_score_correction_bias" for i in range(cfg.num_hidden_layers)}
@@ -254,8 +295,13 @@ def test_transformers_loads_the_transformers5_style_output_and_matches_streamq(s
     reader = CheckpointReader(out)
     ids = torch.randint(0, reader.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     ours = forward_blocks(reader, ids, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(
-        out, quantization_config=CompressedTensorsConfig(dequantize=True), dtype=torch.float32
+    written = json.loads((out / "config.json").read_text())
+    model_class, config = AutoModelForCausalLM, None
+    if written["model_type"] == "kimi_k2":  # unknown to transformers: load through the classes its config names
+        config_class, model_class = hf_classes(written)
+        config = config_class.from_dict({k: v for k, v in written.items() if k != "model_type"})
+    model = model_class.from_pretrained(
+        out, config=config, quantization_config=CompressedTensorsConfig(dequantize=True), dtype=torch.float32
     )
     model.config._attn_implementation = "eager"
     model.float()

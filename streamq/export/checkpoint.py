@@ -40,7 +40,7 @@ SIDE_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "tokenizer.model",
-    "tiktoken.model",
+    "tiktoken.model",  # Kimi-K2's tokenizer
     "special_tokens_map.json",
     "chat_template.jinja",
 )

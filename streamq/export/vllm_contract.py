@@ -18,10 +18,14 @@ Source of the list (vLLM read at these commits of github.com/vllm-project/vllm, 
   arguments; reads no config attribute itself)
 
 How vLLM gets the attributes: ``HFConfigParser`` loads config.json with transformers' ``AutoConfig`` (vLLM requires
-transformers >= 5), so every attribute absent from the file takes transformers' ``DeepseekV3Config`` default — which
-are DeepSeek-V3's own numbers (n_group 8, routed_scaling_factor 2.5, first_k_dense_replace 3, q_lora_rank 1536, …),
-not the ``getattr`` fallbacks in deepseek_v2.py; only attributes the config class does not declare (topk_method,
-scoring_func, moe_layer_freq, moe_router_dtype) fall through to those. Rope: deepseek_v2.py reads only
+transformers >= 5; vLLM's own config registry maps model_type ``kimi_k2`` and ``deepseek_v32`` to a DeepseekV3Config),
+so every attribute absent from the file takes transformers' ``DeepseekV3Config`` default (``DeepseekV2Config`` for
+model_type deepseek_v2) — which are DeepSeek-V3's own numbers (n_group 8, routed_scaling_factor 2.5,
+first_k_dense_replace 3, q_lora_rank 1536, …), not the ``getattr`` fallbacks in deepseek_v2.py; only attributes the
+config class does not declare (scoring_func, moe_layer_freq, moe_router_dtype, and topk_method for V3) fall through
+to those. The same DeepseekV2MoE serves every family: scoring_func picks softmax or sigmoid, and grouped_topk ranks
+groups by their best expert without a correction bias (DeepSeek-V2's group_limited_greedy; one group is plain
+greedy) or by their two best with it (noaux_tc). Rope: deepseek_v2.py reads only
 ``config.rope_parameters`` (the transformers-5 attribute). transformers builds it from config.json's
 ``rope_parameters``, or from the release's ``rope_scaling`` + ``rope_theta`` (``rope_scaling`` wins when both are
 present: transformers 5.24), and vLLM's ``patch_rope_parameters`` then turns a legacy ``type`` into ``rope_type``.
@@ -100,23 +104,27 @@ def moe_layers(cfg: ModelConfig) -> list[int]:
 
 
 def topk_method(cfg: ModelConfig, names: frozenset[str]) -> Any:
-    """``noaux_tc`` when every MoE layer's router has its correction bias in the index: vLLM creates
-    ``gate.e_score_correction_bias`` only for ``topk_method == "noaux_tc"`` (else KeyError at load) and otherwise
-    picks experts without the bias. streamq's router always adds the bias (it cannot load a block without it)."""
-    layers = moe_layers(cfg)
-    if not layers:
-        return cfg.raw.get("topk_method", ABSENT)
-    missing = [bias_name(i) for i in layers if bias_name(i) not in names]
-    if missing:
-        raise StreamqError(
-            f"model.safetensors.index.json: {missing[0]} is missing; streamq's router (sigmoid scores + correction "
-            "bias, noaux_tc) needs it in every MoE layer: use the complete checkpoint"
-        )
-    return "noaux_tc"
+    """The source's routing method (config.json, or its family's default). vLLM creates
+    ``gate.e_score_correction_bias`` only for ``noaux_tc`` (a KeyError at load if the tensor is absent) and
+    otherwise picks experts without one, so noaux_tc needs the bias of every MoE layer in the index."""
+    if cfg.uses_correction_bias:
+        missing = [bias_name(i) for i in moe_layers(cfg) if bias_name(i) not in names]
+        if missing:
+            raise StreamqError(
+                f"model.safetensors.index.json: {missing[0]} is missing; topk_method noaux_tc (sigmoid scores + "
+                "correction bias) needs it in every MoE layer: use the complete checkpoint"
+            )
+    return cfg.topk_method
 
 
 def scoring_func(cfg: ModelConfig, _names: frozenset[str]) -> Any:
-    return "sigmoid" if moe_layers(cfg) else cfg.raw.get("scoring_func", ABSENT)
+    return cfg.scoring_func
+
+
+def expert_groups(name: str) -> Derive:
+    """n_group / topk_group: vLLM always routes through grouped_topk, so greedy routing (which ignores groups,
+    as DeepSeek-V2's code does) is written as a single group."""
+    return lambda cfg, _names: 1 if cfg.topk_method == "greedy" else getattr(cfg, name)
 
 
 def vllm_mscale(rope: RopeConfig) -> float:
@@ -234,17 +242,31 @@ ATTRIBUTES: tuple[Attribute, ...] = tuple(
             "source (streamq default 1.0)",
             _field("routed_scaling_factor"),
         ),
-        (("n_group",), 1, 8, _MOE + " getattr num_expert_group", "source (streamq default 1)", _field("n_group")),
-        (("topk_group",), 1, 4, _MOE + " getattr", "source (streamq default 1)", _field("topk_group")),
+        (
+            ("n_group",),
+            1,
+            8,
+            _MOE + " getattr num_expert_group",
+            "source (streamq default 1); 1 for greedy",
+            expert_groups("n_group"),
+        ),
+        (
+            ("topk_group",),
+            1,
+            4,
+            _MOE + " getattr",
+            "source (streamq default 1); 1 for greedy",
+            expert_groups("topk_group"),
+        ),
         (
             ("topk_method",),
             None,
             A,
             _MOE + " getattr: 'noaux_tc' creates gate.e_score_correction_bias",
-            "noaux_tc when the index has every MoE layer's gate.e_score_correction_bias",
+            "source (family default); noaux_tc needs every MoE layer's gate.e_score_correction_bias in the index",
             topk_method,
         ),
-        (("scoring_func",), "softmax", A, _MOE + " getattr", "sigmoid: streamq's router", scoring_func),
+        (("scoring_func",), "softmax", A, _MOE + " getattr", "source (family default)", scoring_func),
         (
             ("moe_router_dtype",),
             None,

@@ -1,7 +1,8 @@
-"""A minimal DeepSeek-V3 in PyTorch, built one transformer block at a time from a checkpoint.
+"""A minimal DeepSeek-V2/V3 in PyTorch, built one transformer block at a time from a checkpoint.
 
-MLA attention (low-rank q and kv, a shared rotary key, YaRN scaling), sigmoid-scored MoE with group-limited
-top-k routing and shared experts, dense MLPs for the first layers, RMSNorm. Module names mirror the
+MLA attention (low-rank kv, q low-rank or projected directly as in V2-Lite, a shared rotary key, YaRN scaling),
+MoE with the routing config.json names (softmax or sigmoid scores; greedy, group-limited or bias-corrected
+group-limited top-k) and shared experts, dense MLPs for the first layers, RMSNorm. Module names mirror the
 checkpoint's tensor names (``self_attn.q_a_proj.weight``, ``mlp.experts.7.down_proj.weight``, …), so a
 block's state dict is exactly its slice of the checkpoint, and calibration can hook any Linear by name.
 
@@ -173,27 +174,63 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+# -- routing: one function per config.json topk_method ------------------------------------------------------------
+# Each takes the scores experts are chosen by ([tokens, experts], float32) and returns the chosen indices.
+
+
+def _greedy(choice: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """DeepSeek-V2-Lite: the top-k experts over all of them (n_group plays no part)."""
+    return choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+
+
+def _group_limited_greedy(choice: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """DeepSeek-V2: groups ranked by their best expert; top-k among the experts of the best topk_group groups."""
+    grouped = choice.view(choice.shape[0], cfg.n_group, -1)
+    return _top_k_in_groups(grouped, grouped.max(-1).values, cfg)
+
+
+def _noaux_tc(choice: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """DeepSeek-V3: groups ranked by the sum of their two best (bias-corrected) experts, then top-k within the
+    best topk_group groups."""
+    grouped = choice.view(choice.shape[0], cfg.n_group, -1)
+    return _top_k_in_groups(grouped, grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1), cfg)
+
+
+def _top_k_in_groups(grouped: torch.Tensor, group_scores: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    if cfg.n_group > 1:
+        keep = group_scores.topk(cfg.topk_group, dim=-1).indices
+        dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+        grouped = grouped.masked_fill(dropped[..., None], float("-inf"))
+    return grouped.flatten(1).topk(cfg.num_experts_per_tok, dim=-1).indices
+
+
+TOPK_METHODS: dict[str, Callable[[torch.Tensor, ModelConfig], torch.Tensor]] = {
+    "greedy": _greedy,
+    "group_limited_greedy": _group_limited_greedy,
+    "noaux_tc": _noaux_tc,
+}
+SCORING = {"softmax": lambda logits: logits.softmax(-1), "sigmoid": torch.sigmoid}
+
+
 class Gate(nn.Module):
-    """The router: sigmoid scores; the correction bias steers which experts are chosen, not their weights."""
+    """The router: scores by config.json's scoring_func, experts chosen by its topk_method. noaux_tc's correction
+    bias steers which experts are chosen, not their weights; the weights are the chosen experts' scores,
+    renormalised (norm_topk_prob), then scaled by routed_scaling_factor."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
-        self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        self.e_score_correction_bias = (
+            nn.Parameter(torch.zeros(cfg.n_routed_experts, dtype=torch.float32)) if cfg.uses_correction_bias else None
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, hidden] -> (weights [T, k] float32, expert indices [T, k])."""
         cfg = self.cfg
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
-        choice = scores + self.e_score_correction_bias.float()
-        if cfg.n_group > 1:
-            grouped = choice.view(x.shape[0], cfg.n_group, -1)
-            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
-            keep = group_scores.topk(cfg.topk_group, dim=-1).indices
-            mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
-            choice = grouped.masked_fill(mask[..., None], float("-inf")).flatten(1)
-        indices = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+        scores = SCORING[cfg.scoring_func](F.linear(x.float(), self.weight.float()))
+        bias = self.e_score_correction_bias
+        indices = TOPK_METHODS[cfg.topk_method](scores if bias is None else scores + bias.float(), cfg)
         weights = scores.gather(1, indices)
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
@@ -299,7 +336,7 @@ def build_module(
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or extra:
         raise StreamqError(
-            f"{where}: checkpoint tensors do not match a DeepSeek-V3 block (missing: {missing[:3]}, "
+            f"{where}: checkpoint tensors do not match a DeepSeek-V2/V3 block (missing: {missing[:3]}, "
             f"unexpected: {extra[:3]}); check config.json matches the weights"
         )
     module.load_state_dict(tensors, assign=True, strict=False)
