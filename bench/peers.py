@@ -82,14 +82,33 @@ RECIPES = {
 }
 
 
+# streamq recipe variants (``--streamq-variants``): overrides of the recipe's top-level and solver fields.
+VARIANTS: dict[str, dict[str, dict]] = {
+    "default": {},
+    "legacy": {},
+    "mse": {"solver": {"observer": "mse"}},
+    "gptaq": {"recipe": {"target": "float"}},
+    "gptaq-mse": {"recipe": {"target": "float"}, "solver": {"observer": "mse"}},
+    "rw": {"recipe": {"router_weighted": True}},
+    "ls": {"solver": {"scale_rounds": 1}},
+    "mse-ls": {"solver": {"observer": "mse", "scale_rounds": 1}},
+    "mse-damp": {"solver": {"observer": "mse", "damp": 0.001}},
+    "rw-mse-ls": {"recipe": {"router_weighted": True}, "solver": {"observer": "mse", "scale_rounds": 1}},
+    "all": {"recipe": {"router_weighted": True, "target": "float"}, "solver": {"observer": "mse", "scale_rounds": 1}},
+    "rw-mse": {"recipe": {"router_weighted": True}, "solver": {"observer": "mse"}},
+}
+
+
 @dataclass(frozen=True)
 class Tool:
     name: str  # "streamq" or "llm-compressor"
     dtype: str  # compute dtype of the calibration forwards
+    variant: str = "default"  # streamq only: a key of VARIANTS
 
     @property
     def label(self) -> str:
-        return f"{self.name} {'bf16' if self.dtype == 'bfloat16' else 'fp32'}"
+        label = f"{self.name} {'bf16' if self.dtype == 'bfloat16' else 'fp32'}"
+        return label if self.variant == "default" else f"{label} {self.variant}"
 
     @property
     def slug(self) -> str:
@@ -166,11 +185,13 @@ def run_streamq(args: argparse.Namespace, recipe: PeerRecipe, tool: Tool, seed: 
     """Quantize with streamq's own pipeline, then keep only the dequantized expert weights (float32)."""
     from safetensors.torch import save_file
 
+    overrides = VARIANTS[tool.variant]
     streamq_recipe = Recipe(
         method=recipe.method,
         calibration="all" if recipe.all_experts else "routed",
-        solver=SolverConfig(scheme=QuantScheme(bits=recipe.bits, group_size=128)),
+        solver=SolverConfig(scheme=QuantScheme(bits=recipe.bits, group_size=128), **overrides.get("solver", {})),
         data=calibration_config(args, seed),
+        **overrides.get("recipe", {}),
     )
     ckpt = args.work / "streamq-out" / out.stem
     start = time.perf_counter()
@@ -348,6 +369,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=list(RECIPES))
     parser.add_argument("--streamq-dtypes", nargs="*", choices=("bfloat16", "float32"), default=["bfloat16", "float32"])
+    parser.add_argument("--streamq-variants", nargs="+", choices=sorted(VARIANTS), default=["default"])
     parser.add_argument("--llmc-dtypes", nargs="*", choices=("bfloat16", "float32"), default=["bfloat16"])
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -361,7 +383,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     write_source_copy(args.model, args.work / "source-hf")
-    tools = [Tool("streamq", d) for d in args.streamq_dtypes] + [Tool("llm-compressor", d) for d in args.llmc_dtypes]
+    tools = [Tool("streamq", d, v) for d in args.streamq_dtypes for v in args.streamq_variants]
+    tools += [Tool("llm-compressor", d) for d in args.llmc_dtypes]
     if any(t.name == "llm-compressor" for t in tools):
         venv_python(args.venv)
     check_calibration_ids(args)

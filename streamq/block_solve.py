@@ -7,12 +7,12 @@ solves what a pass completed before the next one starts, so only one chunk's Hes
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from streamq.calibrate import Accumulators, BlockStats, HessianCheck, calibration_pass
+from streamq.calibrate import Accumulators, BlockStats, HessianCheck, Hessians, calibration_pass
 from streamq.distributed import Dist
 from streamq.forward import BlockInputs
 from streamq.groups import LinearGroup
@@ -34,6 +34,7 @@ class Calibration:
     hessian_bytes: int  # expert Hessians per pass
     dist: Dist
     check: HessianCheck | None = None  # sees each Hessian before a method uses it (the run's finiteness guard)
+    router_weighted: bool = False  # a routed expert's tokens weigh their router weight squared (calibrate.py)
 
 
 def calibrate_and_solve(
@@ -44,34 +45,40 @@ def calibrate_and_solve(
     method: Method,
     clock: StageClock,
     on_experts: OnExperts,
+    targets: BlockInputs | None = None,
 ) -> BlockStats | None:
     """Feed ``method`` the statistics of ``groups`` (the block's non-expert groups and this rank's experts);
-    returns the statistics (None for a method without calibration)."""
+    returns the statistics (None for a method without calibration). ``targets``: the float model's input to this
+    block (a float target: the routed experts' cross products are collected too)."""
     dist = calibration.dist
     mine = [g for g in groups if g.expert is not None or dist.main]
     if not method.calibrates:
         with clock("solve"):
             method.block_complete(mine, None)
         return None
-    stats = _block_stats(block, groups, calibration, inputs.device)
+    stats = _block_stats(block, groups, calibration, inputs.device, float_target=targets is not None)
+
+    def floats() -> Iterator[torch.Tensor] | None:
+        return None if targets is None else targets.read()
+
     experts = sorted({g.expert for g in groups if g.expert is not None})
     hybrid = isinstance(block.mlp, MoE) and calibration.mode == "hybrid"
     if hybrid:
         counting = PassPlan((), (), dense_hooks=True, count_routes=True, moe_input=True)
         with clock("calibrate"):
-            calibration_pass(block, inputs.read("calibrate"), inputs.cos, inputs.sin, counting, stats.into)
+            calibration_pass(block, inputs.read("calibrate"), inputs.cos, inputs.sin, counting, stats.into, floats())
         stats.all_tokens = {e for e in experts if stats.into.counts[e].item() < calibration.min_tokens}
         with clock("solve"):
             _complete(method, [g for g in mine if g.expert is None], stats)
     passes = with_first(
-        _plan(block, experts, stats.all_tokens, calibration),
+        _plan(block, experts, stats.all_tokens, calibration, 2 if targets is not None else 1),
         dense_hooks=bool(stats.into.dense_groups) and not hybrid,
         count_routes=not hybrid,
         moe_input=not hybrid and (calibration.mode == "all" or method.wants_moe_input),
     )
     for step, plan in enumerate(passes, 1):
         with clock("calibrate", step=step, steps=len(passes)):
-            calibration_pass(block, inputs.read("calibrate"), inputs.cos, inputs.sin, plan, stats.into)
+            calibration_pass(block, inputs.read("calibrate"), inputs.cos, inputs.sin, plan, stats.into, floats())
         chosen = [g for g in mine if g.expert in plan.experts or (g.expert is None and plan.dense_hooks)]
         with clock("solve", step=step, steps=len(passes)):
             _complete(method, chosen, stats)
@@ -85,7 +92,7 @@ def calibrate_and_solve(
 
 
 def _block_stats(
-    block: Block, groups: Sequence[LinearGroup], calibration: Calibration, device: torch.device
+    block: Block, groups: Sequence[LinearGroup], calibration: Calibration, device: torch.device, float_target: bool
 ) -> BlockStats:
     modules = dict(block.named_modules())
     moe = block.mlp if isinstance(block.mlp, MoE) else None
@@ -95,6 +102,8 @@ def _block_stats(
         tie=calibration.tie_gate_up,
         gather=calibration.dist.gather_rows,
         keep_dense=calibration.dist.main,
+        cross=Hessians() if float_target else None,
+        router_weighted=calibration.router_weighted,
     )
     all_tokens = {g.expert for g in groups if g.expert is not None} if calibration.mode == "all" else set()
     dims = {g.key: modules[g.members[0]].weight.shape[1] for g in groups}
@@ -106,17 +115,22 @@ def _complete(method: Method, groups: Sequence[LinearGroup], stats: BlockStats) 
     for group in groups:
         if not method.keeps(group):
             stats.into.hessians.pop(group.key)
+            if stats.into.cross is not None:
+                stats.into.cross.pop(group.key)
 
 
-def _plan(block: Block, experts: list[int], all_tokens: set[int], calibration: Calibration) -> list[PassPlan]:
-    """Passes over this rank's ``experts`` within the Hessian budget, as many on every rank."""
+def _plan(
+    block: Block, experts: list[int], all_tokens: set[int], calibration: Calibration, copies: int
+) -> list[PassPlan]:
+    """Passes over this rank's ``experts`` within the Hessian budget, as many on every rank; ``copies``: n × n
+    matrices per Hessian (2 with a float target's cross products)."""
     sizes = (0, 0)
     if experts:
         assert isinstance(block.mlp, MoE)
         expert = block.mlp.experts[experts[0]]
         hidden, inter = expert.gate_proj.in_features, expert.down_proj.in_features
         # Gate/up + down from routed tokens; down only in all-token mode (gate/up share the MoE input's).
-        sizes = (4 * (hidden * hidden + inter * inter), 4 * inter * inter)
+        sizes = (4 * copies * (hidden * hidden + inter * inter), 4 * copies * inter * inter)
     indices = {experts.index(e) for e in all_tokens}
     passes = numbered(plan_passes(len(experts), indices, *sizes, calibration.hessian_bytes), experts)
     return same_count(passes, calibration.dist)

@@ -101,6 +101,15 @@ def run(
     act_order: Annotated[bool | None, typer.Option(help="Solve columns by decreasing Hessian diagonal.")] = None,
     observer: Annotated[str | None, typer.Option(help="absmax or mse scale search.")] = None,
     damp: Annotated[float | None, typer.Option(help="Damping, relative to the mean Hessian diagonal.")] = None,
+    scale_rounds: Annotated[
+        int | None, typer.Option(help="Rounds of least-squares group scales + a new GPTQ sweep (0 = off).")
+    ] = None,
+    target: Annotated[
+        str | None, typer.Option(help="float: experts match the unquantized model's output (GPTAQ); layer: GPTQ.")
+    ] = None,
+    router_weighted: Annotated[
+        bool | None, typer.Option(help="Weigh each expert's tokens by their router weight squared.")
+    ] = None,
     scope: Annotated[
         str | None, typer.Option(help="experts (routed experts) or all (+ shared, dense, attention).")
     ] = None,
@@ -140,6 +149,18 @@ def run(
     _quantize(model, out, recipe, _run_options(ctx.params), display)
 
 
+_RECIPE_OPTIONS = (
+    "method",
+    "scope",
+    "calibration",
+    "min_tokens",
+    "tie_gate_up",
+    "unquantized",
+    "target",
+    "router_weighted",
+)
+
+
 def _recipe_from_options(p: dict[str, Any]) -> Recipe:
     """The recipe ``streamq run``'s options describe: the saved one (--recipe) with the options given replaced."""
     from streamq.recipe import Recipe
@@ -159,8 +180,9 @@ def _recipe_from_options(p: dict[str, Any]) -> Recipe:
             actorder=None if act_order is None else ("weight" if act_order else "none"),
             observer={"absmax": "minmax"}.get(observer, observer) if observer else None,
             damp=p["damp"],
+            scale_rounds=p["scale_rounds"],
         ),
-        top={k: p[k] for k in ("method", "scope", "calibration", "min_tokens", "tie_gate_up", "unquantized")},
+        top={k: p[k] for k in _RECIPE_OPTIONS},
     )
 
 

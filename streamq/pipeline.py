@@ -14,6 +14,7 @@ non-expert solves, the manifest, the report). The output is the same, byte for b
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -190,7 +191,8 @@ def _quantize_block(ctx: _Run, layer: int) -> None:
         reference = block_forward(block, next(inputs.read()), inputs.cos, inputs.sin, dist, experts).float()
     every = linear_groups(cfg, layer, ctx.recipe)
     groups = [g for g in every if g.expert is None or g.expert in experts]
-    solved = _solve_block(ctx, block, groups, inputs, report) if every else Solved()
+    targets = _float_stream(ctx, layer, block, inputs, experts)
+    solved = _solve_block(ctx, block, groups, inputs, report, targets) if every else Solved()
     share_dense_weights(dict(block.named_modules()), groups, solved, dist)
     with clock("write"):
         shard = ctx.output.path / shard_name(1 + layer, ctx.output.manifest.total_shards)
@@ -202,12 +204,37 @@ def _quantize_block(ctx: _Run, layer: int) -> None:
         writer.commit()
         report.rel_error = rel_error(first.float(), reference, dist)
     source.close()
+    if targets is not None:
+        targets.source.close()
     merge_rank_stats(report, solved.errors, solved.fallbacks, len(solved.packed), dist)
     _finish_block(ctx, layer, report)
 
 
+def _float_stream(
+    ctx: _Run, layer: int, block: Block, inputs: BlockInputs, experts: Sequence[int]
+) -> BlockInputs | None:
+    """A float target's second stream: the unquantized model's input to this block, which is also propagated
+    through the block now, while its weights are still the source's, as the next block's float input."""
+    if ctx.recipe.target != "float":
+        return None
+    spec = local_spec(ctx.output.manifest.activation_spec, ctx.dist)
+    source = ActivationReader(ctx.output.float_activation_path(layer, ctx.dist), spec)
+    targets = BlockInputs(source, inputs.batches, inputs.cos, inputs.sin, inputs.device)
+    if layer + 1 < ctx.reader.config.num_hidden_layers:
+        writer = ActivationWriter(ctx.output.float_activation_path(layer + 1, ctx.dist), spec)
+        check = partial(check_activations, layer=layer, stage="propagate", allow=ctx.options.allow_nonfinite)
+        propagate(block, targets, writer, ctx.dtype, ctx.dist, experts, check)
+        writer.commit()
+    return targets
+
+
 def _solve_block(
-    ctx: _Run, block: Block, groups: list[LinearGroup], inputs: BlockInputs, report: BlockReport
+    ctx: _Run,
+    block: Block,
+    groups: list[LinearGroup],
+    inputs: BlockInputs,
+    report: BlockReport,
+    targets: BlockInputs | None,
 ) -> Solved:
     recipe, dist, layer = ctx.recipe, ctx.dist, report.layer
     solved = Solved()
@@ -224,7 +251,13 @@ def _solve_block(
     method = make_method(recipe.method, solver, solved, block, dist, awq)
     check = partial(check_hessians, layer=layer, allow=ctx.options.allow_nonfinite)
     calibration = Calibration(
-        recipe.calibration, recipe.min_tokens, recipe.tie_gate_up, ctx.memory.hessian_bytes, dist, check
+        recipe.calibration,
+        recipe.min_tokens,
+        recipe.tie_gate_up,
+        ctx.memory.hessian_bytes,
+        dist,
+        check,
+        router_weighted=recipe.router_weighted,
     )
     moe = block.mlp if isinstance(block.mlp, MoE) else None
 
@@ -234,7 +267,7 @@ def _solve_block(
                 ctx.reporter.experts(layer, done, len(dist.experts(len(moe.experts))), rank=rank)
 
     stats = calibrate_and_solve(
-        block, groups, inputs, calibration, method, StageClock(report, ctx.reporter), on_experts
+        block, groups, inputs, calibration, method, StageClock(report, ctx.reporter), on_experts, targets
     )
     if moe is not None and stats is not None:
         routed = stats.into.counts.tolist()
@@ -266,6 +299,7 @@ def _finish_block(ctx: _Run, layer: int, report: BlockReport) -> None:
     output.activations_ready(layer + 1)
     output.commit(dist)
     old.unlink(missing_ok=True)
+    output.float_activation_path(layer, dist).unlink(missing_ok=True)
     crash_point("block-done")
     release_host_memory()
     ctx.reporter.block_done(layer, rel_error=report.rel_error if report.rel_error is not None else float("nan"))

@@ -20,6 +20,7 @@ from streamq.solvers.scheme import QuantScheme, SolverConfig
 Method = Literal["gptq", "rtn", "awq"]
 Scope = Literal["experts", "all"]
 CalibrationMode = Literal["routed", "all", "hybrid"]
+Target = Literal["layer", "float"]
 UnquantizedDtype = Literal["bf16", "fp8"]
 
 RECIPE_NAME = "streamq_recipe.json"
@@ -32,6 +33,10 @@ class Recipe:
     router sends it; "all" feeds every token to every expert's Hessian; "hybrid" does that only for experts that
     were routed fewer than ``min_tokens`` tokens. The block's output always follows the real top-k routing.
     ``unquantized``: how Linears that are not quantized are written (bf16, or DeepSeek's FP8 blocks as shipped).
+    ``target``: what a routed expert's solve matches: "layer" its own output on its quantized input (GPTQ),
+    "float" the unquantized model's output (GPTAQ's asymmetric calibration, see solvers/gptaq.py).
+    ``router_weighted``: a routed expert's calibration tokens weigh their router weight squared, as its error
+    reaches the block's output scaled by that weight (all-token calibration's extra tokens stay unweighted).
     """
 
     method: Method = "gptq"
@@ -41,6 +46,8 @@ class Recipe:
     min_tokens: int = 256
     tie_gate_up: bool = True
     unquantized: UnquantizedDtype = "bf16"
+    target: Target = "layer"
+    router_weighted: bool = False
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
@@ -48,6 +55,7 @@ class Recipe:
         _one_of("scope", self.scope, ("experts", "all"))
         _one_of("calibration", self.calibration, ("routed", "all", "hybrid"))
         _one_of("unquantized", self.unquantized, ("bf16", "fp8"))
+        _one_of("target", self.target, ("layer", "float"))
         _one_of("actorder", self.solver.actorder, ("none", "weight"))
         _one_of("observer", self.solver.observer, ("minmax", "mse"))
         if self.min_tokens < 0:
@@ -59,6 +67,16 @@ class Recipe:
             )
         if not 0 <= self.solver.damp < 1:
             raise StreamqError(f"--damp must be in [0, 1), not {self.solver.damp}")
+        self._check_scale_rounds()
+
+    def _check_scale_rounds(self) -> None:
+        rounds, scheme = self.solver.scale_rounds, self.solver.scheme
+        if rounds < 0:
+            raise StreamqError(f"--scale-rounds must be >= 0, not {rounds}")
+        if rounds and scheme.format != "int":
+            raise StreamqError(f"--scale-rounds fits integer scales: add --scale-rounds 0 to --format {scheme.format}")
+        if rounds and scheme.group_size and self.solver.actorder != "weight":
+            raise StreamqError("--scale-rounds needs scales fixed before the sweep: --act-order, or --scale-rounds 0")
 
     @property
     def scheme(self) -> QuantScheme:
@@ -98,12 +116,16 @@ def describe(recipe: Recipe) -> str:
         parts += {"weight": ["act-order"], "group": ["group act-order"]}.get(solver.actorder, [])
     if solver.observer == "mse":
         parts.append("MSE scales")
+    if solver.scale_rounds and recipe.method == "gptq":
+        parts.append(f"least-squares scales ×{solver.scale_rounds}")
     parts.append("routed experts" if recipe.scope == "experts" else "all Linears")
     if recipe.method != "rtn":
         parts += {
             "all": ["every token to every expert"],
             "hybrid": [f"every token to experts under {recipe.min_tokens} tokens"],
         }.get(recipe.calibration, [])
+        parts.append("float target" if recipe.target == "float" else "")
+        parts.append("router-weighted" if recipe.router_weighted else "")
     parts.append("unquantized Linears in FP8" if recipe.unquantized == "fp8" else "")
     source = "" if data.source == "builtin" else f" of {data.source}"
     parts.append(f"{data.num_samples}×{data.seq_len} tokens{source}")

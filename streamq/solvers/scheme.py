@@ -148,6 +148,9 @@ class SolverConfig:
     mse_grid: int = 100
     mse_max_shrink: float = 0.8
     mse_norm: float = 2.4
+    # Rounds of (least-squares scales against the output error for the codes found, then a new GPTQ sweep with
+    # them); integer grids with static groups only (see solvers/scale_refine.py).
+    scale_rounds: int = 0
 
 
 @dataclass
