@@ -92,9 +92,25 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "rw": {"recipe": {"router_weighted": True}},
     "ls": {"solver": {"scale_rounds": 1}},
     "mse-ls": {"solver": {"observer": "mse", "scale_rounds": 1}},
+    "mse20": {"solver": {"observer": "mse", "mse_grid": 20}},
+    "hmse": {"solver": {"observer": "mse", "mse_hessian": True}},
+    "hmse-ls": {"solver": {"observer": "mse", "mse_hessian": True, "scale_rounds": 1}},
+    "hmse-ls2": {"solver": {"observer": "mse", "mse_hessian": True, "scale_rounds": 2}},
     "mse-damp": {"solver": {"observer": "mse", "damp": 0.001}},
     "rw-mse-ls": {"recipe": {"router_weighted": True}, "solver": {"observer": "mse", "scale_rounds": 1}},
     "all": {"recipe": {"router_weighted": True, "target": "float"}, "solver": {"observer": "mse", "scale_rounds": 1}},
+    "rw-hmse-ls": {
+        "recipe": {"router_weighted": True},
+        "solver": {"observer": "mse", "mse_hessian": True, "scale_rounds": 1},
+    },
+    "gptaq-hmse-ls": {
+        "recipe": {"target": "float"},
+        "solver": {"observer": "mse", "mse_hessian": True, "scale_rounds": 1},
+    },
+    "all-h": {
+        "recipe": {"router_weighted": True, "target": "float"},
+        "solver": {"observer": "mse", "mse_hessian": True, "scale_rounds": 1},
+    },
     "rw-mse": {"recipe": {"router_weighted": True}, "solver": {"observer": "mse"}},
 }
 

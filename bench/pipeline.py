@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--gpus", default="1", help="comma-separated process counts to measure, e.g. 1,2")
     parser.add_argument("--json", type=Path, default=None, help="write the measurements here")
     parser.add_argument("--out", type=Path, default=None, help="where OUT goes (default: WORK/out-N)")
+    parser.add_argument("--extra", default="", help="more `streamq run` options, e.g. '--target layer'")
     args = parser.parse_args()
 
     model = args.work / "model"
@@ -114,6 +116,7 @@ def measure(args: argparse.Namespace, model: Path, gpus: int) -> dict:
         "plain",
         "--gpus",
         str(gpus),
+        *shlex.split(args.extra),
     ]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -99,7 +99,9 @@ def run(
     group_size: Annotated[int | None, typer.Option(help="32, 64, 128 ...; 0 = one scale per output channel.")] = None,
     sym: Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric or asymmetric grid.")] = None,
     act_order: Annotated[bool | None, typer.Option(help="Solve columns by decreasing Hessian diagonal.")] = None,
-    observer: Annotated[str | None, typer.Option(help="absmax or mse scale search.")] = None,
+    observer: Annotated[
+        str | None, typer.Option(help="absmax, mse or mse-hessian (columns weighted by the Hessian) scale search.")
+    ] = None,
     damp: Annotated[float | None, typer.Option(help="Damping, relative to the mean Hessian diagonal.")] = None,
     scale_rounds: Annotated[
         int | None, typer.Option(help="Rounds of least-squares group scales + a new GPTQ sweep (0 = off).")
@@ -178,7 +180,8 @@ def _recipe_from_options(p: dict[str, Any]) -> Recipe:
         scheme=dict(format=p["weight_format"], bits=p["bits"], group_size=p["group_size"], symmetric=p["sym"]),
         solver=dict(
             actorder=None if act_order is None else ("weight" if act_order else "none"),
-            observer={"absmax": "minmax"}.get(observer, observer) if observer else None,
+            observer={"absmax": "minmax", "mse-hessian": "mse"}.get(observer, observer) if observer else None,
+            mse_hessian=None if observer is None else observer == "mse-hessian",
             damp=p["damp"],
             scale_rounds=p["scale_rounds"],
         ),

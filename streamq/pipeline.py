@@ -191,7 +191,7 @@ def _quantize_block(ctx: _Run, layer: int) -> None:
         reference = block_forward(block, next(inputs.read()), inputs.cos, inputs.sin, dist, experts).float()
     every = linear_groups(cfg, layer, ctx.recipe)
     groups = [g for g in every if g.expert is None or g.expert in experts]
-    targets = _float_stream(ctx, layer, block, inputs, experts)
+    targets = _float_stream(ctx, layer, block, inputs, experts, clock)
     solved = _solve_block(ctx, block, groups, inputs, report, targets) if every else Solved()
     share_dense_weights(dict(block.named_modules()), groups, solved, dist)
     with clock("write"):
@@ -211,7 +211,7 @@ def _quantize_block(ctx: _Run, layer: int) -> None:
 
 
 def _float_stream(
-    ctx: _Run, layer: int, block: Block, inputs: BlockInputs, experts: Sequence[int]
+    ctx: _Run, layer: int, block: Block, inputs: BlockInputs, experts: Sequence[int], clock: StageClock
 ) -> BlockInputs | None:
     """A float target's second stream: the unquantized model's input to this block, which is also propagated
     through the block now, while its weights are still the source's, as the next block's float input."""
@@ -221,10 +221,11 @@ def _float_stream(
     source = ActivationReader(ctx.output.float_activation_path(layer, ctx.dist), spec)
     targets = BlockInputs(source, inputs.batches, inputs.cos, inputs.sin, inputs.device)
     if layer + 1 < ctx.reader.config.num_hidden_layers:
-        writer = ActivationWriter(ctx.output.float_activation_path(layer + 1, ctx.dist), spec)
-        check = partial(check_activations, layer=layer, stage="propagate", allow=ctx.options.allow_nonfinite)
-        propagate(block, targets, writer, ctx.dtype, ctx.dist, experts, check)
-        writer.commit()
+        with clock("propagate"):
+            writer = ActivationWriter(ctx.output.float_activation_path(layer + 1, ctx.dist), spec)
+            check = partial(check_activations, layer=layer, stage="propagate", allow=ctx.options.allow_nonfinite)
+            propagate(block, targets, writer, ctx.dtype, ctx.dist, experts, check)
+            writer.commit()
     return targets
 
 

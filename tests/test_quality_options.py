@@ -4,6 +4,9 @@ group scales. Each is checked against its defining formula, then through the pip
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,14 +21,16 @@ from streamq.model.deepseek import load_block, rope_cos_sin
 from streamq.passes import PassPlan
 from streamq.pipeline import RunOptions, run
 from streamq.recipe import Recipe
+from streamq.report import REPORT_NAME
 from streamq.resume import MANIFEST_NAME
 from streamq.solvers.gptaq import asymmetric_target
 from streamq.solvers.gptq import gptq_quantize
 from streamq.solvers.hessian import hessian_weighted_error
 from streamq.solvers.scale_refine import refine_scales
 from streamq.solvers.scheme import QuantScheme, SolverConfig
-from streamq.tui import Reporter
+from streamq.tui import EVENTS_FILENAME, Reporter
 
+REPO = Path(__file__).resolve().parents[1]
 DATA = DataConfig(num_samples=6, seq_len=32)
 OPTIONS = RunOptions(device="cpu", dtype="float32", token_budget=64)
 
@@ -184,6 +189,21 @@ def test_scale_rounds_lower_the_solvers_output_error() -> None:
     assert (errors[1] < errors[0]).all() and (errors[2] < errors[1]).all()
 
 
+def test_hessian_weighted_scale_search_lowers_gptqs_output_error() -> None:
+    """Input channels of very different energy (as in real activations): the MSE observer that weighs each
+    column's rounding error by the Hessian's diagonal picks clippings that suit the output, not the weights."""
+    gen = torch.Generator().manual_seed(16)
+    energy = torch.linspace(0.2, 3.0, 256)[torch.randperm(256, generator=gen)]
+    x = torch.randn(2, 2000, 256, generator=gen) * energy
+    h = x.transpose(1, 2) @ x / x.shape[1]
+    w = torch.randn(2, 64, 256, generator=gen)
+    errors = {}
+    for weighted in (False, True):
+        cfg = SolverConfig(scheme=QuantScheme(bits=4, group_size=128), observer="mse", mse_hessian=weighted)
+        errors[weighted] = hessian_weighted_error(w, gptq_quantize(w, h, cfg).weight, h)
+    assert (errors[True] < 0.97 * errors[False]).all()
+
+
 @pytest.mark.parametrize(
     ("recipe", "message"),
     [
@@ -213,14 +233,20 @@ def expert_tensors(out: Path, layer: int) -> dict[str, torch.Tensor]:
     return {n: t for f in files for n, t in load_file(out / f).items() if n.startswith(prefix)}
 
 
+FLOAT_TARGET = Recipe(data=DATA, target="float", solver=SolverConfig(scheme=QuantScheme(bits=3)))
+
+
+@pytest.fixture(scope="module")
+def float_out(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return quantize(tiny_checkpoint, tmp_path_factory.mktemp("float") / "out", FLOAT_TARGET)
+
+
 @pytest.mark.slow
-def test_the_float_stream_is_the_unquantized_models(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_the_float_stream_is_the_unquantized_models(tiny_checkpoint: Path, float_out: Path, tmp_path: Path) -> None:
     """The tiny model's first MoE block sees the same input in both streams (only experts are quantized), so a
     float target changes nothing there; the second MoE block's float input is the *unquantized* first MoE block's
     output, so its experts change. A float stream propagated through the quantized block would change neither."""
-    base = Recipe(data=DATA, target="layer", solver=SolverConfig(scheme=QuantScheme(bits=3)))
-    layer_out = quantize(tiny_checkpoint, tmp_path / "layer", base)
-    float_out = quantize(tiny_checkpoint, tmp_path / "float", Recipe(**{**base.__dict__, "target": "float"}))
+    layer_out = quantize(tiny_checkpoint, tmp_path / "layer", Recipe(**{**FLOAT_TARGET.__dict__, "target": "layer"}))
     first, second = [i for i in range(4) if CheckpointReader(tiny_checkpoint).config.is_moe_layer(i)]
     a, b = expert_tensors(layer_out, first), expert_tensors(float_out, first)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -228,3 +254,44 @@ def test_the_float_stream_is_the_unquantized_models(tiny_checkpoint: Path, tmp_p
     assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith("weight_packed"))
     assert json.loads((float_out / MANIFEST_NAME).read_text())["complete"] is True
     assert not (float_out / ".streamq").exists()  # the float stream's files went with the work directory
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("crash", ["calibrate:16", "block-done:3"])
+def test_a_killed_float_target_run_resumes_to_identical_bytes(
+    crash: str, tiny_checkpoint: Path, float_out: Path, tmp_path: Path
+) -> None:
+    """Killed inside the second MoE block's calibration (which reads both streams; the first MoE block makes 12
+    calibrate steps here) or right after a block (the next block's float input must have been saved with the
+    manifest's step), the rerun gives the same bytes."""
+    out = tmp_path / "out"
+    killed = streamq_run(tiny_checkpoint, out, crash)
+    assert killed.returncode == -9, f"the fault point {crash} was not reached:\n{killed.stderr[-2000:]}"
+    assert json.loads((out / MANIFEST_NAME).read_text())["next_layer"] == 3
+    resumed = streamq_run(tiny_checkpoint, out, None)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert output_files(out) == output_files(float_out)
+
+
+def streamq_run(model: Path, out: Path, crash: str | None) -> subprocess.CompletedProcess[str]:
+    """``quantize`` with FLOAT_TARGET through `streamq run`, in a process that ``crash`` may kill."""
+    args = ["--num-samples", str(DATA.num_samples), "--seq-len", str(DATA.seq_len), "--dtype", "float32"]
+    args += ["--bits", "3", "--target", "float", "--device", "cpu", "--token-budget", str(OPTIONS.token_budget)]
+    env = {**os.environ, "STREAMQ_CRASH_AT": crash or "", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "streamq", "run", str(model), str(out), *args, "--display", "plain"]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def output_files(out: Path) -> dict[str, bytes]:
+    timing = {EVENTS_FILENAME, REPORT_NAME}
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name not in timing}
+
+
+def test_the_default_recipe_searches_scales_and_absmax_is_the_earlier_default() -> None:
+    default = Recipe()
+    assert (default.solver.observer, default.solver.mse_grid) == ("mse", 20)
+    assert (default.target, default.router_weighted, default.solver.scale_rounds) == ("layer", False, 0)
+    from streamq.cli import build_recipe
+
+    earlier = build_recipe(Recipe(), data={}, scheme={}, solver={"observer": "minmax"}, top={})
+    assert earlier.solver == SolverConfig(mse_grid=20)  # the grid size is unused by absmax scales

@@ -176,7 +176,8 @@ def gptq_solve_prepared(
     gs = cfg.scheme.group_size
     dynamic = dynamic_groups(cfg)
     gscale = global_scale(w_in, cfg.scheme)
-    scale, zero, gidx = _grid(w_in, prep.perm, cfg, gscale, scale)
+    importance = prep.diag.to(dtype) if cfg.mse_hessian and prep.diag is not None else None
+    scale, zero, gidx = _grid(w_in, prep.perm, cfg, gscale, scale, importance)
     orig = w_in.clone() if prep.perm is None else w_in.gather(2, prep.perm.unsqueeze(1).expand(experts, out, n))
     del w_in
     sweep = _Sweep(
@@ -215,9 +216,10 @@ def _grid(
     cfg: SolverConfig,
     gscale: torch.Tensor | None,
     fixed: torch.Tensor | None,
+    importance: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Scale, zero and the group of each solving position: static groups fitted now (or the ``fixed`` scales),
-    dynamic ones allocated for the sweep to fill."""
+    """Scale, zero and the group of each solving position: static groups fitted now (or the ``fixed`` scales;
+    ``importance`` [E, in] weighs the MSE observer's error per column), dynamic ones allocated for the sweep."""
     experts, out, n = w.shape
     gs = cfg.scheme.group_size
     if dynamic_groups(cfg):
@@ -226,7 +228,7 @@ def _grid(
         scale = torch.empty(experts, out, cfg.scheme.num_groups(n), dtype=w.dtype, device=w.device)
         zero = None if cfg.scheme.symmetric else torch.empty_like(scale)
         return scale, zero, _group_of_position(torch.arange(n, device=w.device), gs).expand(experts, n)
-    fitted, zero = static_qparams(w, cfg, gscale)
+    fitted, zero = static_qparams(w, cfg, gscale, importance)
     natural = torch.arange(n, device=w.device).expand(experts, n) if perm is None else perm
     return fitted if fixed is None else fixed.to(fitted.dtype), zero, _group_of_position(natural, gs)
 

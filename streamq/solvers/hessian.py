@@ -64,6 +64,7 @@ class PreparedHessians:
     use_rtn: torch.Tensor  # [E] bool, matrices solved as RTN (M = 0, perm = identity, nothing dead)
     form: FactorForm
     fallbacks: Counter[str]
+    diag: torch.Tensor | None = None  # [E, n] H's diagonal, natural order (dead columns and RTN matrices at 1)
 
 
 def solving_order(diag: torch.Tensor, cfg: SolverConfig) -> torch.Tensor | None:
@@ -165,7 +166,7 @@ def prepare_hessians(
     feedback_from_upper_(work, factor.form)
     if perm is not None:
         perm = torch.where(use_rtn.unsqueeze(1), identity, perm)
-    return PreparedHessians(feedback=work, perm=perm, dead=dead, use_rtn=use_rtn, form=factor.form, fallbacks=counter)
+    return PreparedHessians(work, perm, dead, use_rtn, factor.form, counter, diag)
 
 
 def _factor_in_place(work: torch.Tensor, method: str, factor: FactorOptions) -> torch.Tensor:
