@@ -2,6 +2,11 @@
 
     python3 bench/peers.py --setup-venv /tmp/peers-venv      # once: llm-compressor's own virtualenv (network)
     PYTHONPATH=$PWD python3 bench/peers.py --work /tmp/peers       # the table in bench/RESULTS.md (~1 h on 2 cores)
+    PYTHONPATH=$PWD python3 bench/peers.py --work /tmp/peers --streamq-variants default legacy gptaq --llmc-dtypes
+
+``--streamq-variants`` runs streamq recipes other than its default (``VARIANTS``: the earlier default, the scale
+searches, least-squares scales, a float target, router weighting); ``--llmc-dtypes`` with no value skips
+llm-compressor.
 
 llm-compressor is never installed next to streamq: ``--setup-venv`` creates a virtualenv with the CPU build of
 torch 2.13.0 (installed first, so llm-compressor does not pull a CUDA build) and ``llmcompressor==0.14.0.1``, and
@@ -34,7 +39,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -45,8 +50,8 @@ from streamq.evaluate import TokenSums, token_sums
 from streamq.io.packed import dequantize_packed
 from streamq.io.safetensors_stream import CheckpointReader
 from streamq.pipeline import RunOptions, run
-from streamq.recipe import Recipe
-from streamq.solvers.scheme import QuantScheme, SolverConfig
+from streamq.recipe import Recipe, default_solver
+from streamq.solvers.scheme import QuantScheme
 from streamq.tui import Reporter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,35 +88,31 @@ RECIPES = {
 
 
 # streamq recipe variants (``--streamq-variants``): overrides of the recipe's top-level and solver fields.
+# streamq recipe variants (``--streamq-variants``, bench/RESULTS.md "issue 13"): overrides of the default recipe's
+# top-level and solver fields, each spelled out in full so that a later change of the default leaves them alone.
+_MINMAX = {"observer": "minmax"}
+_MSE80 = {"observer": "mse", "mse_grid": 100, "mse_max_shrink": 0.8}  # the MSE observer's own 80 ratios
+_HMSE80 = {**_MSE80, "mse_hessian": True}
 VARIANTS: dict[str, dict[str, dict]] = {
     "default": {},
-    "legacy": {},
-    "mse": {"solver": {"observer": "mse"}},
-    "gptaq": {"recipe": {"target": "float"}},
-    "gptaq-mse": {"recipe": {"target": "float"}, "solver": {"observer": "mse"}},
-    "rw": {"recipe": {"router_weighted": True}},
-    "ls": {"solver": {"scale_rounds": 1}},
-    "mse-ls": {"solver": {"observer": "mse", "scale_rounds": 1}},
-    "mse20": {"solver": {"observer": "mse", "mse_grid": 20}},
-    "hmse": {"solver": {"observer": "mse", "mse_hessian": True}},
-    "hmse-ls": {"solver": {"observer": "mse", "mse_hessian": True, "scale_rounds": 1}},
-    "hmse-ls2": {"solver": {"observer": "mse", "mse_hessian": True, "scale_rounds": 2}},
-    "mse-damp": {"solver": {"observer": "mse", "damp": 0.001}},
-    "rw-mse-ls": {"recipe": {"router_weighted": True}, "solver": {"observer": "mse", "scale_rounds": 1}},
-    "all": {"recipe": {"router_weighted": True, "target": "float"}, "solver": {"observer": "mse", "scale_rounds": 1}},
-    "rw-hmse-ls": {
-        "recipe": {"router_weighted": True},
-        "solver": {"observer": "mse", "mse_hessian": True, "scale_rounds": 1},
-    },
-    "gptaq-hmse-ls": {
-        "recipe": {"target": "float"},
-        "solver": {"observer": "mse", "mse_hessian": True, "scale_rounds": 1},
-    },
-    "all-h": {
-        "recipe": {"router_weighted": True, "target": "float"},
-        "solver": {"observer": "mse", "mse_hessian": True, "scale_rounds": 1},
-    },
-    "rw-mse": {"recipe": {"router_weighted": True}, "solver": {"observer": "mse"}},
+    "legacy": {"solver": _MINMAX},  # the default before issue 13
+    "mse16": {"solver": {"observer": "mse", "mse_grid": 40, "mse_max_shrink": 0.4}},  # 1.000, 0.975, ... 0.625
+    "mse": {"solver": _MSE80},
+    "mse20": {"solver": {"observer": "mse", "mse_grid": 20, "mse_max_shrink": 0.8}},
+    "mse-fine": {"solver": {"observer": "mse", "mse_grid": 100, "mse_max_shrink": 0.2}},  # the default: 1.00 .. 0.81
+    "hmse": {"solver": _HMSE80},
+    "ls": {"solver": {**_MINMAX, "scale_rounds": 1}},
+    "mse-ls": {"solver": {**_MSE80, "scale_rounds": 1}},
+    "hmse-ls": {"solver": {**_HMSE80, "scale_rounds": 1}},
+    "hmse-ls2": {"solver": {**_HMSE80, "scale_rounds": 2}},
+    "gptaq": {"recipe": {"target": "float"}, "solver": _MINMAX},
+    "gptaq-mse": {"recipe": {"target": "float"}, "solver": _MSE80},
+    "gptaq-hmse-ls": {"recipe": {"target": "float"}, "solver": {**_HMSE80, "scale_rounds": 1}},
+    "rw": {"recipe": {"router_weighted": True}, "solver": _MINMAX},
+    "rw-mse": {"recipe": {"router_weighted": True}, "solver": _MSE80},
+    "rw-hmse-ls": {"recipe": {"router_weighted": True}, "solver": {**_HMSE80, "scale_rounds": 1}},
+    "all": {"recipe": {"router_weighted": True, "target": "float"}, "solver": {**_MSE80, "scale_rounds": 1}},
+    "all-h": {"recipe": {"router_weighted": True, "target": "float"}, "solver": {**_HMSE80, "scale_rounds": 1}},
 }
 
 
@@ -205,7 +206,9 @@ def run_streamq(args: argparse.Namespace, recipe: PeerRecipe, tool: Tool, seed: 
     streamq_recipe = Recipe(
         method=recipe.method,
         calibration="all" if recipe.all_experts else "routed",
-        solver=SolverConfig(scheme=QuantScheme(bits=recipe.bits, group_size=128), **overrides.get("solver", {})),
+        solver=replace(
+            default_solver(), scheme=QuantScheme(bits=recipe.bits, group_size=128), **overrides.get("solver", {})
+        ),
         data=calibration_config(args, seed),
         **overrides.get("recipe", {}),
     )

@@ -27,10 +27,11 @@ RECIPE_NAME = "streamq_recipe.json"
 
 
 def default_solver() -> SolverConfig:
-    """The default recipe's solver: GPTQ's grid with MSE-searched group scales, 16 clipping ratios 1.00, 0.95, ...
-    0.25 (best measured against llm-compressor, bench/RESULTS.md "issue 13"; 16 ratios rather than the observer's
-    80 keep its cost at DeepSeek-V3 width small). ``--observer absmax`` is the earlier default, byte for byte."""
-    return SolverConfig(observer="mse", mse_grid=20)
+    """The default recipe's solver: GPTQ with MSE-searched group scales over 20 clipping ratios 1.00, 0.99, ...
+    0.81 (llm-compressor's MSE observer range; bench/RESULTS.md "issue 13": the direction that paid against
+    llm-compressor's GPTQ, and 20 ratios rather than 80 keep its cost small at DeepSeek-V3 width).
+    ``--observer absmax`` is the earlier default, byte for byte."""
+    return SolverConfig(observer="mse", mse_grid=100, mse_max_shrink=0.2)
 
 
 @dataclass(frozen=True)

@@ -289,9 +289,9 @@ def output_files(out: Path) -> dict[str, bytes]:
 
 def test_the_default_recipe_searches_scales_and_absmax_is_the_earlier_default() -> None:
     default = Recipe()
-    assert (default.solver.observer, default.solver.mse_grid) == ("mse", 20)
+    assert (default.solver.observer, default.solver.mse_grid, default.solver.mse_max_shrink) == ("mse", 100, 0.2)
     assert (default.target, default.router_weighted, default.solver.scale_rounds) == ("layer", False, 0)
     from streamq.cli import build_recipe
 
     earlier = build_recipe(Recipe(), data={}, scheme={}, solver={"observer": "minmax"}, top={})
-    assert earlier.solver == SolverConfig(mse_grid=20)  # the grid size is unused by absmax scales
+    assert earlier.solver == SolverConfig(mse_max_shrink=0.2)  # unused by absmax scales
