@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from streamq.io.safetensors_stream import CheckpointReader
 from streamq.model.deepseek import load_block, rope_cos_sin
 from streamq.passes import PassPlan
 from streamq.pipeline import RunOptions, run
-from streamq.recipe import Recipe
+from streamq.recipe import Recipe, default_solver
 from streamq.report import REPORT_NAME
 from streamq.resume import MANIFEST_NAME
 from streamq.solvers.gptaq import asymmetric_target
@@ -233,7 +234,8 @@ def expert_tensors(out: Path, layer: int) -> dict[str, torch.Tensor]:
     return {n: t for f in files for n, t in load_file(out / f).items() if n.startswith(prefix)}
 
 
-FLOAT_TARGET = Recipe(data=DATA, target="float", solver=SolverConfig(scheme=QuantScheme(bits=3)))
+# What `streamq run --bits 3 --target float` builds (``streamq_run``), the default solver included.
+FLOAT_TARGET = Recipe(data=DATA, target="float", solver=replace(default_solver(), scheme=QuantScheme(bits=3)))
 
 
 @pytest.fixture(scope="module")
