@@ -129,7 +129,10 @@ class Tool:
 
     @property
     def slug(self) -> str:
-        return self.label.replace(" ", "-")
+        """The cache name: streamq's always names its variant, so that results cached before a change of the
+        default recipe are not read as the new default's."""
+        label = self.label if self.name != "streamq" or self.variant != "default" else f"{self.label} default"
+        return label.replace(" ", "-")
 
 
 # -- llm-compressor's environment -----------------------------------------------------------------------------------
