@@ -2,6 +2,11 @@
 
     python3 bench/peers.py --setup-venv /tmp/peers-venv      # once: llm-compressor's own virtualenv (network)
     PYTHONPATH=$PWD python3 bench/peers.py --work /tmp/peers       # the table in bench/RESULTS.md (~1 h on 2 cores)
+    PYTHONPATH=$PWD python3 bench/peers.py --work /tmp/peers --streamq-variants default legacy gptaq --llmc-dtypes
+
+``--streamq-variants`` runs streamq recipes other than its default (``VARIANTS``: the earlier default, the scale
+searches, least-squares scales, a float target, router weighting); ``--llmc-dtypes`` with no value skips
+llm-compressor.
 
 llm-compressor is never installed next to streamq: ``--setup-venv`` creates a virtualenv with the CPU build of
 torch 2.13.0 (installed first, so llm-compressor does not pull a CUDA build) and ``llmcompressor==0.14.0.1``, and
@@ -34,7 +39,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -45,8 +50,8 @@ from streamq.evaluate import TokenSums, token_sums
 from streamq.io.packed import dequantize_packed
 from streamq.io.safetensors_stream import CheckpointReader
 from streamq.pipeline import RunOptions, run
-from streamq.recipe import Recipe
-from streamq.solvers.scheme import QuantScheme, SolverConfig
+from streamq.recipe import Recipe, default_solver
+from streamq.solvers.scheme import QuantScheme
 from streamq.tui import Reporter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,18 +87,52 @@ RECIPES = {
 }
 
 
+# streamq recipe variants (``--streamq-variants``): overrides of the recipe's top-level and solver fields.
+# streamq recipe variants (``--streamq-variants``, bench/RESULTS.md "issue 13"): overrides of the default recipe's
+# top-level and solver fields, each spelled out in full so that a later change of the default leaves them alone.
+_MINMAX = {"observer": "minmax"}
+_MSE80 = {"observer": "mse", "mse_grid": 100, "mse_max_shrink": 0.8}  # the MSE observer's own 80 ratios
+_HMSE80 = {**_MSE80, "mse_hessian": True}
+VARIANTS: dict[str, dict[str, dict]] = {
+    "default": {},
+    "legacy": {"solver": _MINMAX},  # the default before issue 13
+    "mse16": {"solver": {"observer": "mse", "mse_grid": 40, "mse_max_shrink": 0.4}},  # 1.000, 0.975, ... 0.625
+    "mse": {"solver": _MSE80},
+    "mse20": {"solver": {"observer": "mse", "mse_grid": 20, "mse_max_shrink": 0.8}},
+    "mse-fine": {"solver": {"observer": "mse", "mse_grid": 100, "mse_max_shrink": 0.2}},  # the default: 1.00 .. 0.81
+    "hmse": {"solver": _HMSE80},
+    "ls": {"solver": {**_MINMAX, "scale_rounds": 1}},
+    "mse-ls": {"solver": {**_MSE80, "scale_rounds": 1}},
+    "hmse-ls": {"solver": {**_HMSE80, "scale_rounds": 1}},
+    "hmse-ls2": {"solver": {**_HMSE80, "scale_rounds": 2}},
+    "gptaq": {"recipe": {"target": "float"}, "solver": _MINMAX},
+    "gptaq-mse": {"recipe": {"target": "float"}, "solver": _MSE80},
+    "gptaq-hmse-ls": {"recipe": {"target": "float"}, "solver": {**_HMSE80, "scale_rounds": 1}},
+    "rw": {"recipe": {"router_weighted": True}, "solver": _MINMAX},
+    "rw-mse": {"recipe": {"router_weighted": True}, "solver": _MSE80},
+    "rw-hmse-ls": {"recipe": {"router_weighted": True}, "solver": {**_HMSE80, "scale_rounds": 1}},
+    "all": {"recipe": {"router_weighted": True, "target": "float"}, "solver": {**_MSE80, "scale_rounds": 1}},
+    "all-h": {"recipe": {"router_weighted": True, "target": "float"}, "solver": {**_HMSE80, "scale_rounds": 1}},
+}
+
+
 @dataclass(frozen=True)
 class Tool:
     name: str  # "streamq" or "llm-compressor"
     dtype: str  # compute dtype of the calibration forwards
+    variant: str = "default"  # streamq only: a key of VARIANTS
 
     @property
     def label(self) -> str:
-        return f"{self.name} {'bf16' if self.dtype == 'bfloat16' else 'fp32'}"
+        label = f"{self.name} {'bf16' if self.dtype == 'bfloat16' else 'fp32'}"
+        return label if self.variant == "default" else f"{label} {self.variant}"
 
     @property
     def slug(self) -> str:
-        return self.label.replace(" ", "-")
+        """The cache name: streamq's always names its variant, so that results cached before a change of the
+        default recipe are not read as the new default's."""
+        label = self.label if self.name != "streamq" or self.variant != "default" else f"{self.label} default"
+        return label.replace(" ", "-")
 
 
 # -- llm-compressor's environment -----------------------------------------------------------------------------------
@@ -166,11 +205,15 @@ def run_streamq(args: argparse.Namespace, recipe: PeerRecipe, tool: Tool, seed: 
     """Quantize with streamq's own pipeline, then keep only the dequantized expert weights (float32)."""
     from safetensors.torch import save_file
 
+    overrides = VARIANTS[tool.variant]
     streamq_recipe = Recipe(
         method=recipe.method,
         calibration="all" if recipe.all_experts else "routed",
-        solver=SolverConfig(scheme=QuantScheme(bits=recipe.bits, group_size=128)),
+        solver=replace(
+            default_solver(), scheme=QuantScheme(bits=recipe.bits, group_size=128), **overrides.get("solver", {})
+        ),
         data=calibration_config(args, seed),
+        **overrides.get("recipe", {}),
     )
     ckpt = args.work / "streamq-out" / out.stem
     start = time.perf_counter()
@@ -348,6 +391,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=list(RECIPES))
     parser.add_argument("--streamq-dtypes", nargs="*", choices=("bfloat16", "float32"), default=["bfloat16", "float32"])
+    parser.add_argument("--streamq-variants", nargs="+", choices=sorted(VARIANTS), default=["default"])
     parser.add_argument("--llmc-dtypes", nargs="*", choices=("bfloat16", "float32"), default=["bfloat16"])
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -361,7 +405,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     write_source_copy(args.model, args.work / "source-hf")
-    tools = [Tool("streamq", d) for d in args.streamq_dtypes] + [Tool("llm-compressor", d) for d in args.llmc_dtypes]
+    tools = [Tool("streamq", d, v) for d in args.streamq_dtypes for v in args.streamq_variants]
+    tools += [Tool("llm-compressor", d) for d in args.llmc_dtypes]
     if any(t.name == "llm-compressor" for t in tools):
         venv_python(args.venv)
     check_calibration_ids(args)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -74,6 +75,7 @@ def main() -> None:
         default=None,
         help="cap what the run may allocate on the GPU (one process), e.g. 79.6 for an 80 GB card",
     )
+    parser.add_argument("--extra", default="", help="more `streamq run` options, e.g. '--target layer'")
     args = parser.parse_args()
 
     model = args.work / "model"
@@ -135,6 +137,7 @@ def measure(args: argparse.Namespace, model: Path, gpus: int) -> dict:
         "--gpus",
         str(gpus),
         *budget,
+        *shlex.split(args.extra),
     ]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from streamq.calibrate import Hessians, accumulate_experts, count_routes, expert_down_input, mlp_input
+from streamq.calibrate import Accumulators, Hessians, accumulate_experts, count_routes, expert_down_input, mlp_input
 from streamq.config import ModelConfig
 from streamq.io.activations import ActivationReader, ActivationSpec, ActivationWriter, microbatches
 from streamq.model.deepseek import Block, MoE, build_module, rope_cos_sin, route_order
@@ -324,7 +324,7 @@ def expert_calibration(moe: MoE, m: torch.Tensor, n_experts: int, results: dict)
     t_old = sync_time(lambda: old_accumulate_experts(moe, m, indices, experts, sums), 1)
     hess = Hessians()
     spec = PassPlan(tuple(experts), ())
-    t_new = sync_time(lambda: accumulate_experts(moe, m, indices, spec, hess, True), 1)
+    t_new = sync_time(lambda: accumulate_experts(moe, m, indices, spec, Accumulators(hess)), 1)
     errs = [rel(hess.sums[f"mlp.experts.{e}.gate_up"], sums[e][0]) for e in list(experts)[:4]]
     results["expert_hessians"] = {
         "experts": n_experts,

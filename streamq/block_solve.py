@@ -7,12 +7,12 @@ solves what a pass completed before the next one starts, so only one chunk's Hes
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from streamq.calibrate import Accumulators, BlockStats, HessianCheck, calibration_pass, routed_pass
+from streamq.calibrate import Accumulators, BlockStats, HessianCheck, Hessians, calibration_pass, routed_pass
 from streamq.distributed import Dist
 from streamq.forward import BlockInputs
 from streamq.groups import LinearGroup
@@ -35,6 +35,7 @@ class Calibration:
     dist: Dist
     check: HessianCheck | None = None  # sees each Hessian before a method uses it (the run's finiteness guard)
     cache_bytes: int = 0  # the MoE input kept on the device across a block's passes (see MoEInputCache)
+    router_weighted: bool = False  # a routed expert's tokens weigh their router weight squared (calibrate.py)
 
 
 def calibrate_and_solve(
@@ -46,30 +47,38 @@ def calibrate_and_solve(
     clock: StageClock,
     on_experts: OnExperts,
     on_calibrated: OnExperts = lambda: None,
+    targets: BlockInputs | None = None,
 ) -> BlockStats | None:
     """Feed ``method`` the statistics of ``groups`` (the block's non-expert groups and this rank's experts);
     returns the statistics (None for a method without calibration). ``on_calibrated`` runs on every rank after
-    each calibration pass, before its solve."""
+    each calibration pass, before its solve. ``targets``: the float model's input to this block (a float target:
+    the routed experts' cross products are collected too)."""
     dist = calibration.dist
     mine = [g for g in groups if g.expert is not None or dist.main]
     if not method.calibrates:
         with clock("solve"):
             method.block_complete(mine, None)
         return None
-    stats = _block_stats(block, groups, calibration, inputs.device)
+    stats = _block_stats(block, groups, calibration, inputs.device, float_target=targets is not None)
+
+    def floats() -> Iterator[torch.Tensor] | None:
+        return None if targets is None else targets.read()
+
     experts = sorted({g.expert for g in groups if g.expert is not None})
     hybrid = isinstance(block.mlp, MoE) and calibration.mode == "hybrid"
-    passes = _plan(block, experts, stats.all_tokens, calibration)
-    cache = MoEInputCache(calibration.cache_bytes if len(passes) + hybrid > 1 else 0)
+    streams = 2 if targets is not None else 1
+    passes = _plan(block, experts, stats.all_tokens, calibration, streams)
+    # Cached MoE inputs carry no float stream: a float target's passes all start from the block's inputs.
+    cache = MoEInputCache(calibration.cache_bytes if len(passes) + hybrid > 1 and targets is None else 0)
     if hybrid:
         counting = PassPlan((), (), dense_hooks=True, count_routes=True, moe_input=True)
         with clock("calibrate"):
-            _pass(block, inputs, counting, stats.into, cache, dist)
+            _pass(block, inputs, counting, stats.into, cache, dist, floats())
         on_calibrated()
         stats.all_tokens = {e for e in experts if stats.into.counts[e].item() < calibration.min_tokens}
         with clock("solve"):
             _complete(method, [g for g in mine if g.expert is None], stats)
-        passes = _plan(block, experts, stats.all_tokens, calibration)  # with the starved experts now known
+        passes = _plan(block, experts, stats.all_tokens, calibration, streams)  # with the starved experts known
     passes = with_first(
         passes,
         dense_hooks=bool(stats.into.dense_groups) and not hybrid,
@@ -78,7 +87,7 @@ def calibrate_and_solve(
     )
     for step, plan in enumerate(passes, 1):
         with clock("calibrate", step=step, steps=len(passes)):
-            _pass(block, inputs, plan, stats.into, cache, dist)
+            _pass(block, inputs, plan, stats.into, cache, dist, floats())
         on_calibrated()
         chosen = [g for g in mine if g.expert in plan.experts or (g.expert is None and plan.dense_hooks)]
         with clock("solve", step=step, steps=len(passes)):
@@ -115,7 +124,13 @@ class MoEInputCache:
 
 
 def _pass(
-    block: Block, inputs: BlockInputs, plan: PassPlan, into: Accumulators, cache: MoEInputCache, dist: Dist
+    block: Block,
+    inputs: BlockInputs,
+    plan: PassPlan,
+    into: Accumulators,
+    cache: MoEInputCache,
+    dist: Dist,
+    targets: Iterator[torch.Tensor] | None,
 ) -> None:
     """One calibration pass: from the cached MoE inputs when the first pass kept them all and this pass needs
     nothing before the MoE, else over the block's input (the first such pass filling the cache)."""
@@ -123,7 +138,7 @@ def _pass(
         routed_pass(block.mlp, cache.batches, plan, into)
         return
     keep = None if cache.started else cache.keep
-    calibration_pass(block, inputs.read("calibrate"), inputs.cos, inputs.sin, plan, into, keep)
+    calibration_pass(block, inputs.read("calibrate"), inputs.cos, inputs.sin, plan, into, keep, targets)
     cache.started = True
     # Every rank takes part in the gathers of a pass over the input, so they must all skip them or none: each
     # rank's limit comes from its own device's free memory.
@@ -133,7 +148,7 @@ def _pass(
 
 
 def _block_stats(
-    block: Block, groups: Sequence[LinearGroup], calibration: Calibration, device: torch.device
+    block: Block, groups: Sequence[LinearGroup], calibration: Calibration, device: torch.device, float_target: bool
 ) -> BlockStats:
     modules = dict(block.named_modules())
     moe = block.mlp if isinstance(block.mlp, MoE) else None
@@ -143,6 +158,8 @@ def _block_stats(
         tie=calibration.tie_gate_up,
         gather=calibration.dist.gather_rows,
         keep_dense=calibration.dist.main,
+        cross=Hessians() if float_target else None,
+        router_weighted=calibration.router_weighted,
     )
     all_tokens = {g.expert for g in groups if g.expert is not None} if calibration.mode == "all" else set()
     dims = {g.key: modules[g.members[0]].weight.shape[1] for g in groups}
@@ -154,17 +171,22 @@ def _complete(method: Method, groups: Sequence[LinearGroup], stats: BlockStats) 
     for group in groups:
         if not method.keeps(group):
             stats.into.hessians.pop(group.key)
+            if stats.into.cross is not None:
+                stats.into.cross.pop(group.key)
 
 
-def _plan(block: Block, experts: list[int], all_tokens: set[int], calibration: Calibration) -> list[PassPlan]:
-    """Passes over this rank's ``experts`` within the Hessian budget, as many on every rank."""
+def _plan(
+    block: Block, experts: list[int], all_tokens: set[int], calibration: Calibration, copies: int
+) -> list[PassPlan]:
+    """Passes over this rank's ``experts`` within the Hessian budget, as many on every rank; ``copies``: n × n
+    matrices per Hessian (2 with a float target's cross products)."""
     sizes = (0, 0)
     if experts:
         assert isinstance(block.mlp, MoE)
         expert = block.mlp.experts[experts[0]]
         hidden, inter = expert.gate_proj.in_features, expert.down_proj.in_features
         # Gate/up + down from routed tokens; down only in all-token mode (gate/up share the MoE input's).
-        sizes = (4 * (hidden * hidden + inter * inter), 4 * inter * inter)
+        sizes = (4 * copies * (hidden * hidden + inter * inter), 4 * copies * inter * inter)
     indices = {experts.index(e) for e in all_tokens}
     passes = numbered(plan_passes(len(experts), indices, *sizes, calibration.hessian_bytes), experts)
     return same_count(passes, calibration.dist)

@@ -13,6 +13,11 @@ the extra tokens only reach the Hessians.
 
 Routed experts' Hessians are accumulated a chunk of experts at a time (see passes.py). Everything is computed from
 the unquantized block, so the result does not depend on the chunking.
+
+With a float target (GPTAQ's asymmetric calibration, see solvers/gptaq.py) a pass also reads the unquantized
+model's activations for the same tokens and accumulates, next to each routed expert's Hessian mean(x̃ x̃ᵀ), the
+cross product mean(x x̃ᵀ) of its float input x with its quantized input x̃ (the tokens are those the quantized
+stream routes to it, as for the Hessian).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import chain, repeat
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +34,7 @@ from torch import nn
 from streamq.groups import MOE_INPUT, LinearGroup, Role
 from streamq.model.deepseek import MLP, Block, MoE, route_order
 from streamq.passes import PassPlan
-from streamq.solvers.hessian import accumulate_gram_
+from streamq.solvers.hessian import accumulate_gram_, accumulate_product_
 
 
 class Hessians:
@@ -40,11 +46,20 @@ class Hessians:
 
     def add(self, key: str, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
+        accumulate_gram_(self._sum(key, x), x)
+        self.counts[key] += x.shape[0]
+
+    def add_product(self, key: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Running sum of a bᵀ over tokens (rows of ``a`` and ``b`` are the same tokens)."""
+        a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+        accumulate_product_(self._sum(key, a), a, b)
+        self.counts[key] += a.shape[0]
+
+    def _sum(self, key: str, x: torch.Tensor) -> torch.Tensor:
         if key not in self.sums:
             self.sums[key] = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
             self.counts[key] = 0
-        accumulate_gram_(self.sums[key], x)
-        self.counts[key] += x.shape[0]
+        return self.sums[key]
 
     def mean(self, key: str, dim: int, device: torch.device) -> torch.Tensor:
         """The Hessian (mean of x xᵀ); all zeros for an input that saw no token, which the solver reports."""
@@ -109,27 +124,58 @@ def expert_down_input(expert: MLP, x: torch.Tensor) -> torch.Tensor:
 
 
 def accumulate_experts(
-    moe: MoE, x: torch.Tensor, indices: torch.Tensor, spec: PassPlan, hessians: Hessians, tie: bool
+    moe: MoE,
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    spec: PassPlan,
+    into: Accumulators,
+    target: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> None:
-    """Add one micro-batch ``x`` [tokens, hidden] with routing ``indices`` to the pass's expert Hessians."""
+    """Add one micro-batch ``x`` [tokens, hidden] with routing ``indices`` to the pass's expert Hessians, and, with
+    the float stream's ``target`` (the same tokens' unquantized MoE input), to their cross products. With the
+    router's ``weights`` [tokens, top_k] a routed expert's token counts as its weight squared (see
+    ``Accumulators.router_weighted``)."""
     order, offsets = route_order(indices, len(moe.experts)) if spec.routed else (indices, [])
     for e in spec.routed:
-        tokens = order[offsets[e] : offsets[e + 1]] // indices.shape[1]
-        if tokens.numel() == 0:
+        slots = order[offsets[e] : offsets[e + 1]]
+        if slots.numel() == 0:
             continue
-        xe = x[tokens]
-        _add_gate_up(hessians, f"mlp.experts.{e}", xe, tie)
-        hessians.add(f"mlp.experts.{e}.down_proj", expert_down_input(moe.experts[e], xe))
+        tokens = slots // indices.shape[1]
+        gate = None if weights is None else weights.flatten()[slots].unsqueeze(-1)
+        inputs = _ExpertInputs(moe.experts[e], x[tokens], None if target is None else target[tokens], gate)
+        inputs.add(into, f"mlp.experts.{e}", gate_up=True)
     for e in spec.all_tokens:
-        hessians.add(f"mlp.experts.{e}.down_proj", expert_down_input(moe.experts[e], x))
+        _ExpertInputs(moe.experts[e], x, target).add(into, f"mlp.experts.{e}", gate_up=False)
 
 
-def _add_gate_up(hessians: Hessians, prefix: str, x: torch.Tensor, tie: bool) -> None:
-    if tie:
-        hessians.add(f"{prefix}.gate_up", x)
-    else:
-        hessians.add(f"{prefix}.gate_proj", x)
-        hessians.add(f"{prefix}.up_proj", x)
+@dataclass(frozen=True)
+class _ExpertInputs:
+    """One expert's tokens: quantized-stream input ``x``, with a float target the float stream's ``target``, and
+    with router weighting each token's ``gate`` weight [tokens, 1] (its inputs enter the sums scaled by it)."""
+
+    expert: MLP
+    x: torch.Tensor
+    target: torch.Tensor | None
+    gate: torch.Tensor | None = None
+
+    def add(self, into: Accumulators, prefix: str, gate_up: bool) -> None:
+        keys = ([f"{prefix}.gate_up"] if into.tie else [f"{prefix}.gate_proj", f"{prefix}.up_proj"]) if gate_up else []
+        down = self._weighted(expert_down_input(self.expert, self.x))
+        x = self._weighted(self.x)
+        for key in keys:
+            into.hessians.add(key, x)
+        into.hessians.add(f"{prefix}.down_proj", down)
+        if self.target is None or into.cross is None:
+            return
+        target = self._weighted(self.target)
+        for key in keys:
+            into.cross.add_product(key, target, x)
+        target_down = self._weighted(expert_down_input(self.expert, self.target))
+        into.cross.add_product(f"{prefix}.down_proj", target_down, down)
+
+    def _weighted(self, values: torch.Tensor) -> torch.Tensor:
+        return values if self.gate is None else values * self.gate.to(values.dtype)
 
 
 @dataclass
@@ -145,6 +191,10 @@ class Accumulators:
     tie: bool = True  # gate and up share one Hessian
     gather: Gather = _identity
     keep_dense: bool = True
+    cross: Hessians | None = None  # float target: sums of x x̃ᵀ (float-stream input times quantized-stream input)
+    # A routed expert's output reaches the block's output multiplied by its router weight g, so its error there is
+    # g times the expert's own: weighting each token's x xᵀ by g² makes GPTQ minimise the block-output error.
+    router_weighted: bool = False
 
 
 def calibration_pass(
@@ -155,14 +205,16 @@ def calibration_pass(
     plan: PassPlan,
     into: Accumulators,
     keep: KeepMoEInput | None = None,
+    targets: Iterable[torch.Tensor] | None = None,
 ) -> None:
     """One pass over the micro-batches ``batches`` ([n, seq, hidden] on the block's device): the expert Hessians
-    of ``plan``, and the non-expert Hessians, routed-token counts and MoE input Hessian when it says so. The
+    of ``plan``, and the non-expert Hessians, routed-token counts and MoE input Hessian when it says so; with
+    ``targets`` (the float stream's micro-batches, the same sequences) also the experts' cross products. The
     block's weights and outputs are not touched. ``keep`` is handed each micro-batch's MoE input and routing
     (what a later pass can start from instead of the block's input: see ``routed_pass``)."""
     moe = block.mlp if isinstance(block.mlp, MoE) else None
     hooked = into.dense_groups if plan.dense_hooks else []
-    for x in batches:
+    for x, xf in zip(batches, repeat(None) if targets is None else targets, strict=False):
         with input_hooks(block, hooked, into.hessians, into.gather, into.keep_dense):
             local = mlp_input(block, x, cos, sin)
             if moe is None:
@@ -172,22 +224,32 @@ def calibration_pass(
             if hooked and moe.shared_experts is not None:
                 moe.shared_experts(local)
         m = into.gather(local)
+        target = None if xf is None else into.gather(mlp_input(block, xf, cos, sin))
         indices = moe.gate(m)[1]
         if keep is not None:
             keep(m, indices)
-        routed_pass(moe, [(m, indices)], plan, into)
+        routed_pass(moe, [(m, indices)], plan, into, [target])
 
 
 def routed_pass(
-    moe: MoE, inputs: Iterable[tuple[torch.Tensor, torch.Tensor]], plan: PassPlan, into: Accumulators
+    moe: MoE,
+    inputs: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    plan: PassPlan,
+    into: Accumulators,
+    targets: Iterable[torch.Tensor | None] = (),
 ) -> None:
-    """The MoE's part of a pass, from each micro-batch's MoE input [tokens, hidden] and routing [tokens, k]."""
-    for m, indices in inputs:
+    """The MoE's part of a pass, from each micro-batch's MoE input [tokens, hidden] and routing [tokens, k], with
+    the float stream's MoE input of the same tokens where ``targets`` has one."""
+    for (m, indices), target in zip(inputs, chain(targets, repeat(None)), strict=False):
         if plan.count_routes and into.counts is not None:
             into.counts += torch.bincount(indices.flatten(), minlength=len(moe.experts))
         if plan.moe_input:
             into.hessians.add(MOE_INPUT, m)
-        accumulate_experts(moe, m, indices, plan, into.hessians, into.tie)
+            if target is not None and into.cross is not None:
+                into.cross.add_product(MOE_INPUT, target, m)
+        # The router's weights again (cheap) rather than carried: only router weighting needs them.
+        weights = moe.gate(m)[0] if into.router_weighted else None
+        accumulate_experts(moe, m, indices, plan, into, target, weights)
 
 
 def expert_hessian(
@@ -217,3 +279,14 @@ class BlockStats:
         if self.check is not None:
             self.check(h[None], [group.key])
         return h
+
+    def cross(self, group: LinearGroup) -> torch.Tensor | None:
+        """mean(x x̃ᵀ) of ``group``'s float and quantized inputs; None when no float target was collected for it
+        (non-expert groups, or a run without a float target)."""
+        if self.into.cross is None or group.expert is None:
+            return None
+        all_tokens = group.expert in self.all_tokens
+        c = expert_hessian(self.into.cross, group, all_tokens, self.dims[group.key], self.device)
+        if self.check is not None:
+            self.check(c[None], [group.key])
+        return c

@@ -113,8 +113,19 @@ def run(
     group_size: Annotated[int | None, typer.Option(help="32, 64, 128 ...; 0 = one scale per output channel.")] = None,
     sym: Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric or asymmetric grid.")] = None,
     act_order: Annotated[bool | None, typer.Option(help="Solve columns by decreasing Hessian diagonal.")] = None,
-    observer: Annotated[str | None, typer.Option(help="absmax or mse scale search.")] = None,
+    observer: Annotated[
+        str | None, typer.Option(help="absmax, mse or mse-hessian (columns weighted by the Hessian) scale search.")
+    ] = None,
     damp: Annotated[float | None, typer.Option(help="Damping, relative to the mean Hessian diagonal.")] = None,
+    scale_rounds: Annotated[
+        int | None, typer.Option(help="Rounds of least-squares group scales + a new GPTQ sweep (0 = off).")
+    ] = None,
+    target: Annotated[
+        str | None, typer.Option(help="float: experts match the unquantized model's output (GPTAQ); layer: GPTQ.")
+    ] = None,
+    router_weighted: Annotated[
+        bool | None, typer.Option(help="Weigh each expert's tokens by their router weight squared.")
+    ] = None,
     scope: Annotated[
         str | None, typer.Option(help="experts (routed experts) or all (+ shared, dense, attention).")
     ] = None,
@@ -164,6 +175,19 @@ def run(
     _quantize(model, out, recipe, _run_options(ctx.params), display)
 
 
+_RECIPE_OPTIONS = (
+    "method",
+    "scope",
+    "calibration",
+    "min_tokens",
+    "tie_gate_up",
+    "unquantized",
+    "source_experts",
+    "target",
+    "router_weighted",
+)
+
+
 def _recipe_from_options(p: dict[str, Any]) -> Recipe:
     """The recipe ``streamq run``'s options describe: the saved one (--recipe) with the options given replaced."""
     from streamq.recipe import Recipe
@@ -181,13 +205,12 @@ def _recipe_from_options(p: dict[str, Any]) -> Recipe:
         scheme=dict(format=p["weight_format"], bits=p["bits"], group_size=p["group_size"], symmetric=p["sym"]),
         solver=dict(
             actorder=None if act_order is None else ("weight" if act_order else "none"),
-            observer={"absmax": "minmax"}.get(observer, observer) if observer else None,
+            observer={"absmax": "minmax", "mse-hessian": "mse"}.get(observer, observer) if observer else None,
+            mse_hessian=None if observer is None else observer == "mse-hessian",
             damp=p["damp"],
+            scale_rounds=p["scale_rounds"],
         ),
-        top={
-            k: p[k]
-            for k in ("method", "scope", "calibration", "min_tokens", "tie_gate_up", "unquantized", "source_experts")
-        },
+        top={k: p[k] for k in _RECIPE_OPTIONS},
         schemes=_scheme_options(p["scheme"] or []),
     )
 

@@ -49,7 +49,7 @@ class GPTQ:
         self.solver, self.solved = solver, solved
 
     def statistics_complete(self, groups: Sequence[LinearGroup], stats: BlockStats) -> None:
-        self.solver.solve(groups, stats.hessian, self.solved)
+        self.solver.solve(groups, stats.hessian, self.solved, stats.cross)
 
     def keeps(self, group: LinearGroup) -> bool:
         return False

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -204,7 +204,8 @@ def _quantize_block(ctx: _Run, layer: int) -> None:
         reference = block_forward(block, next(inputs.read()), inputs.cos, inputs.sin, dist, experts).float()
     every = linear_groups(cfg, layer, ctx.recipe)
     groups = [g for g in every if g.expert is None or g.expert in experts]
-    solved = _solve_block(ctx, block, groups, inputs, report) if every else Solved()
+    targets = _float_stream(ctx, layer, block, inputs, experts, clock)
+    solved = _solve_block(ctx, block, groups, inputs, report, targets) if every else Solved()
     share_dense_weights(dict(block.named_modules()), groups, solved, dist)
     with clock("write"):  # started here, finished in the background while the block propagates
         _settle(ctx)  # if no calibration pass did: before this block's output activations take the room
@@ -220,13 +221,39 @@ def _quantize_block(ctx: _Run, layer: int) -> None:
         with clock("write", announce=False):  # what of the write (hashed as written) propagation did not hide
             writing.result()
     source.close()
+    if targets is not None:
+        targets.source.close()
     merge_rank_stats(report, solved.errors, solved.fallbacks, len(solved.packed), dist)
     report.wall_seconds = time.perf_counter() - started
     _finish_block(ctx, layer, report, writing)
 
 
+def _float_stream(
+    ctx: _Run, layer: int, block: Block, inputs: BlockInputs, experts: Sequence[int], clock: StageClock
+) -> BlockInputs | None:
+    """A float target's second stream: the unquantized model's input to this block, which is also propagated
+    through the block now, while its weights are still the source's, as the next block's float input."""
+    if ctx.recipe.target != "float":
+        return None
+    spec = local_spec(ctx.output.manifest.activation_spec, ctx.dist)
+    source = ActivationReader(ctx.output.float_activation_path(layer, ctx.dist), spec)
+    targets = BlockInputs(source, inputs.batches, inputs.cos, inputs.sin, inputs.device)
+    if layer + 1 < ctx.reader.config.num_hidden_layers:
+        with clock("propagate"):
+            writer = ActivationWriter(ctx.output.float_activation_path(layer + 1, ctx.dist), spec)
+            check = partial(check_activations, layer=layer, stage="propagate", allow=ctx.options.allow_nonfinite)
+            propagate(block, targets, writer, ctx.dtype, ctx.dist, experts, check)
+            writer.commit()
+    return targets
+
+
 def _solve_block(
-    ctx: _Run, block: Block, groups: list[LinearGroup], inputs: BlockInputs, report: BlockReport
+    ctx: _Run,
+    block: Block,
+    groups: list[LinearGroup],
+    inputs: BlockInputs,
+    report: BlockReport,
+    targets: BlockInputs | None,
 ) -> Solved:
     recipe, dist, layer = ctx.recipe, ctx.dist, report.layer
     solved = Solved()
@@ -251,6 +278,7 @@ def _solve_block(
         dist,
         check,
         ctx.memory.cache_bytes,
+        router_weighted=recipe.router_weighted,
     )
     moe = block.mlp if isinstance(block.mlp, MoE) else None
 
@@ -261,7 +289,9 @@ def _solve_block(
 
     # The previous block's record (see _finish_block) waits at most until this block's first pass is done.
     clock = StageClock(report, ctx.reporter)
-    stats = calibrate_and_solve(block, groups, inputs, calibration, method, clock, on_experts, partial(_settle, ctx))
+    stats = calibrate_and_solve(
+        block, groups, inputs, calibration, method, clock, on_experts, partial(_settle, ctx), targets
+    )
     if moe is not None and stats is not None:
         routed = stats.into.counts.tolist()
         ctx.reporter.expert_tokens(layer, routed)
@@ -314,6 +344,7 @@ def _record_block(ctx: _Run, layer: int, report: BlockReport, writing: ShardWrit
     output.activations_ready(layer + 1)
     output.commit(dist)
     old.unlink(missing_ok=True)
+    output.float_activation_path(layer, dist).unlink(missing_ok=True)
     crash_point("block-done")
 
 

@@ -23,6 +23,7 @@ from streamq.solvers.scheme import QuantScheme, SolverConfig
 Method = Literal["gptq", "rtn", "awq"]
 Scope = Literal["experts", "all"]
 CalibrationMode = Literal["routed", "all", "hybrid"]
+Target = Literal["layer", "float"]
 UnquantizedDtype = Literal["bf16", "fp8"]
 SourceExperts = Literal["requantize", "keep"]
 # A family left unquantized: dequantized to bf16, the release's FP8 blocks, or (routed experts of a pack-quantized
@@ -90,6 +91,14 @@ class Plan:
         return out
 
 
+def default_solver() -> SolverConfig:
+    """The default recipe's solver: GPTQ with MSE-searched group scales over 20 clipping ratios 1.00, 0.99, ...
+    0.81 (llm-compressor's MSE observer range; bench/RESULTS.md "issue 13": the direction that paid against
+    llm-compressor's GPTQ, and 20 ratios rather than 80 keep its cost small at DeepSeek-V3 width).
+    ``--observer absmax`` is the earlier default, byte for byte."""
+    return SolverConfig(observer="mse", mse_grid=100, mse_max_shrink=0.2)
+
+
 @dataclass(frozen=True)
 class Recipe:
     """``scope``: "experts" quantizes the routed experts only; "all" also the shared experts, the dense MLPs
@@ -103,16 +112,22 @@ class Recipe:
     ``source_experts``: routed experts a source ships packed (Kimi-K2-Thinking's INT4) are dequantized and
     quantized again ("requantize"), or copied as shipped ("keep"; then only the other families the plan quantizes
     are solved). Serialised only when "keep", like ``schemes``.
+    ``target``: what a routed expert's solve matches: "layer" its own output on its quantized input (GPTQ),
+    "float" the unquantized model's output (GPTAQ's asymmetric calibration, see solvers/gptaq.py).
+    ``router_weighted``: a routed expert's calibration tokens weigh their router weight squared, as its error
+    reaches the block's output scaled by that weight (all-token calibration's extra tokens stay unweighted).
     """
 
     method: Method = "gptq"
-    solver: SolverConfig = field(default_factory=SolverConfig)
+    solver: SolverConfig = field(default_factory=default_solver)
     scope: Scope = "experts"
     calibration: CalibrationMode = "routed"
     min_tokens: int = 256
     tie_gate_up: bool = True
     unquantized: UnquantizedDtype = "bf16"
     source_experts: SourceExperts = "requantize"
+    target: Target = "layer"
+    router_weighted: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     schemes: tuple[tuple[str, str], ...] = ()
 
@@ -124,12 +139,14 @@ class Recipe:
         _one_of("unquantized", self.unquantized, ("bf16", "fp8"))
         _one_of("source_experts", self.source_experts, ("requantize", "keep"))
         self._check_kept_experts()
+        _one_of("target", self.target, ("layer", "float"))
         _one_of("actorder", self.solver.actorder, ("none", "weight"))
         _one_of("observer", self.solver.observer, ("minmax", "mse"))
         if self.min_tokens < 0:
             raise StreamqError(f"--min-tokens must be >= 0, not {self.min_tokens}")
         if not 0 <= self.solver.damp < 1:
             raise StreamqError(f"--damp must be in [0, 1), not {self.solver.damp}")
+        self._check_scale_rounds()
         if self.method == "awq":
             _check_awq(self.plan())
 
@@ -167,6 +184,19 @@ class Recipe:
                 "--method awq folds its scales into the norm the routed experts read, which experts kept as shipped "
                 "cannot absorb: use --method gptq or rtn, or --source-experts requantize"
             )
+
+    def _check_scale_rounds(self) -> None:
+        rounds = self.solver.scale_rounds
+        if rounds < 0:
+            raise StreamqError(f"--scale-rounds must be >= 0, not {rounds}")
+        schemes = [self.scheme, *self.plan().quantized().values()]
+        fp4 = next((s.format for s in schemes if s.format != "int"), None)
+        if rounds and fp4 is not None:
+            raise StreamqError(
+                f"--scale-rounds fits integer scales: add --scale-rounds 0 to --format {fp4} (or a --scheme of {fp4})"
+            )
+        if rounds and any(s.group_size for s in schemes) and self.solver.actorder != "weight":
+            raise StreamqError("--scale-rounds needs scales fixed before the sweep: --act-order, or --scale-rounds 0")
 
     @property
     def scheme(self) -> QuantScheme:
@@ -215,7 +245,9 @@ def describe(recipe: Recipe) -> str:
     if recipe.method != "rtn":
         parts += {"weight": ["act-order"], "group": ["group act-order"]}.get(solver.actorder, [])
     if solver.observer == "mse":
-        parts.append("MSE scales")
+        parts.append("Hessian-weighted MSE scales" if solver.mse_hessian and recipe.method == "gptq" else "MSE scales")
+    if solver.scale_rounds and recipe.method == "gptq":
+        parts.append(f"least-squares scales ×{solver.scale_rounds}")
     if not recipe.schemes:
         parts.append("routed experts" if recipe.scope == "experts" else "all Linears")
         if recipe.source_experts == "keep":
@@ -225,6 +257,8 @@ def describe(recipe: Recipe) -> str:
             "all": ["every token to every expert"],
             "hybrid": [f"every token to experts under {recipe.min_tokens} tokens"],
         }.get(recipe.calibration, [])
+        parts.append("float target" if recipe.target == "float" else "")
+        parts.append("router-weighted" if recipe.router_weighted else "")
     parts.append("unquantized Linears in FP8" if recipe.unquantized == "fp8" and not recipe.schemes else "")
     source = "" if data.source == "builtin" else f" of {data.source}"
     parts.append(f"{data.num_samples}×{data.seq_len} tokens{source}")

@@ -236,6 +236,14 @@ class OutputDir:
         suffix = "" if dist.world == 1 else f".rank{dist.rank}-of-{dist.world}"
         return self.work / f"activations-{layer:05d}{suffix}.bin"
 
+    def float_activation_path(self, layer: int, dist: Dist = SINGLE) -> Path:
+        """This rank's share of the *unquantized* model's activations entering ``layer`` (a float target's second
+        stream); block 0's input is the embedding's output, the same for both streams."""
+        if layer == 0:
+            return self.activation_path(0, dist)
+        suffix = "" if dist.world == 1 else f".rank{dist.rank}-of-{dist.world}"
+        return self.work / f"float-activations-{layer:05d}{suffix}.bin"
+
     def timings_path(self, key: str) -> Path:
         return self.work / f"report-{key}.json"
 

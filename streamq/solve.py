@@ -17,6 +17,7 @@ from streamq.distributed import Dist
 from streamq.export.compressed_tensors import pack_linear
 from streamq.groups import Family, LinearGroup
 from streamq.resume import crash_point
+from streamq.solvers.gptaq import asymmetric_target
 from streamq.solvers.gptq import SolveOptions, gptq_quantize
 from streamq.solvers.hessian import hessian_weighted_error
 from streamq.solvers.rtn import rtn_quantize
@@ -27,6 +28,7 @@ from streamq.solvers.scheme import QuantResult, QuantScheme, SolverConfig
 ERROR_EVERY = 8
 
 HessianOf = Callable[[LinearGroup], torch.Tensor]
+CrossOf = Callable[[LinearGroup], torch.Tensor | None]  # mean(x x̃ᵀ) of a group's float and quantized inputs
 OnFallback = Callable[[str, str], None]  # (group or "N experts", reason)
 
 
@@ -66,8 +68,11 @@ class Solver:
         scheme = self.schemes.get(group.family, self.config.scheme)
         return self.config if scheme == self.config.scheme else replace(self.config, scheme=scheme)
 
-    def solve(self, groups: Sequence[LinearGroup], hessian: HessianOf | None, solved: Solved) -> None:
-        """Solve ``groups`` (GPTQ with ``hessian``, round to nearest without), same shapes stacked."""
+    def solve(
+        self, groups: Sequence[LinearGroup], hessian: HessianOf | None, solved: Solved, cross: CrossOf | None = None
+    ) -> None:
+        """Solve ``groups`` (GPTQ with ``hessian``, round to nearest without), same shapes stacked; a group with a
+        ``cross`` product is solved towards the float model's output (solvers/gptaq.py)."""
         by_shape: dict[tuple[int, ...], list[LinearGroup]] = {}
         for group in groups:
             shape = tuple(self.modules[m].weight.shape[0] for m in group.members)
@@ -76,15 +81,18 @@ class Solver:
         for same in by_shape.values():
             step = self.batch if same[0].expert is not None else 1
             for start in range(0, len(same), step):
-                self._solve_stack(same[start : start + step], hessian, solved)
+                self._solve_stack(same[start : start + step], hessian, solved, cross)
 
-    def _solve_stack(self, groups: Sequence[LinearGroup], hessian: HessianOf | None, solved: Solved) -> None:
+    def _solve_stack(
+        self, groups: Sequence[LinearGroup], hessian: HessianOf | None, solved: Solved, cross: CrossOf | None
+    ) -> None:
         weights = torch.stack([torch.cat([self.modules[m].weight for m in g.members]) for g in groups]).float()
         config = self.config_for(groups[0])  # stacked groups are of one family
         if hessian is None:
             result = rtn_quantize(weights, config)
         else:
             hs = torch.stack([hessian(g) for g in groups])
+            weights = _target(weights, hs, groups, cross, config.damp)
             result = gptq_quantize(weights, hs, config, self.options)
             # A group no calibration token reached has a zero Hessian and no defined error (0 / 0): left out of
             # the sample, so that the block's mean is over groups with data (its fallback is counted apart).
@@ -119,6 +127,17 @@ class Solver:
             else:
                 self.modules[member].weight.data = part.weight.to(self.modules[member].weight.dtype)
             row += rows
+
+
+def _target(
+    weights: torch.Tensor, hs: torch.Tensor, groups: Sequence[LinearGroup], cross: CrossOf | None, damp: float
+) -> torch.Tensor:
+    """The weights GPTQ solves for: the float-target W* when every group of the stack has a cross product (routed
+    experts, which are stacked only with each other), else the weights themselves."""
+    crosses = [] if cross is None else [cross(g) for g in groups]
+    if not crosses or any(c is None for c in crosses):
+        return weights
+    return asymmetric_target(weights, hs, torch.stack(crosses), damp)  # type: ignore[arg-type]
 
 
 def share_dense_weights(

@@ -36,7 +36,7 @@ from streamq.tui import (
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
 # What the pipeline passes to run_start: the one-line description and the fields of a real Recipe.
 RECIPE = Recipe()
-RECIPE_LINE = "GPTQ W4 g128 sym, act-order, routed experts, 128×2048 tokens"
+RECIPE_LINE = "GPTQ W4 g128 sym, act-order, MSE scales, routed experts, 128×2048 tokens"
 # What the pipeline passes as plan: a real memory plan, described (see memory.py).
 PLAN = plan_memory(torch.device("cpu"), 2**20, None, None, None).describe()
 
@@ -543,7 +543,7 @@ def test_the_recipe_line_is_derived_from_the_recipe() -> None:
     assert describe(Recipe()) == RECIPE_LINE
     data = replace(RECIPE.data, source="open-platypus", num_samples=16, seq_len=512)
     assert describe(Recipe(method="rtn", scope="all", unquantized="fp8", data=data)) == (
-        "RTN W4 g128 sym, all Linears, unquantized Linears in FP8, 16×512 tokens of open-platypus"
+        "RTN W4 g128 sym, MSE scales, all Linears, unquantized Linears in FP8, 16×512 tokens of open-platypus"
     )
     solver = replace(RECIPE.solver, scheme=replace(RECIPE.scheme, bits=3, group_size=0, symmetric=False))
     solver = replace(solver, actorder="none", observer="mse")

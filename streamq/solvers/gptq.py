@@ -37,6 +37,7 @@ from streamq.solvers.cholesky import tf32_matmuls
 from streamq.solvers.hessian import FactorForm, FactorOptions, PreparedHessians, prepare_hessians
 from streamq.solvers.observers import fit_qparams, global_scale
 from streamq.solvers.rtn import make_result, static_qparams
+from streamq.solvers.scale_refine import refine_scales
 from streamq.solvers.scheme import QuantResult, SolverConfig
 
 Backend = Literal["auto", "triton", "torch"]
@@ -139,14 +140,25 @@ def _solve_chunk(
 ) -> QuantResult:
     dtype = torch.float32 if use_triton else options.dtype
     prep = prepare_hessians(h, cfg, options.factor, dtype)
-    return gptq_solve_prepared(w, prep, cfg, options)
+    result = gptq_solve_prepared(w, prep, cfg, options)
+    for _ in range(cfg.scale_rounds):
+        # Scales refitted to the output error with these codes, then a new sweep on that grid (scale_refine.py).
+        scale = refine_scales(w, h, result.q, result.scale, result.zero_point, cfg)
+        result = gptq_solve_prepared(w, prep, cfg, options, scale=scale)
+    return result
 
 
 def gptq_solve_prepared(
-    w: torch.Tensor, prep: PreparedHessians, cfg: SolverConfig, options: SolveOptions | None = None
+    w: torch.Tensor,
+    prep: PreparedHessians,
+    cfg: SolverConfig,
+    options: SolveOptions | None = None,
+    scale: torch.Tensor | None = None,
 ) -> QuantResult:
     """Solve ``w`` ``[E, out, in]`` against Hessians already prepared by ``prepare_hessians`` with the same
-    ``cfg``: one factorisation can serve several weight matrices (gate and up, kept apart).
+    ``cfg``: one factorisation can serve several weight matrices (gate and up, kept apart). ``scale``
+    ``[E, out, groups]``: fixed scales to sweep with instead of the observer's (static groups only; an
+    asymmetric grid keeps the observer's zero points).
 
     No chunking here: the caller holds the whole batch in memory.
     """
@@ -164,16 +176,8 @@ def gptq_solve_prepared(
     gs = cfg.scheme.group_size
     dynamic = dynamic_groups(cfg)
     gscale = global_scale(w_in, cfg.scheme)
-    if dynamic:
-        groups = cfg.scheme.num_groups(n)
-        scale = torch.empty(experts, out, groups, dtype=dtype, device=w.device)
-        zero = None if cfg.scheme.symmetric else torch.empty_like(scale)
-        gidx = _group_of_position(torch.arange(n, device=w.device), gs).expand(experts, n)
-    else:
-        scale, zero = static_qparams(w_in, cfg, gscale)
-        natural = torch.arange(n, device=w.device).expand(experts, n) if prep.perm is None else prep.perm
-        gidx = _group_of_position(natural, gs)
-
+    importance = prep.diag.to(dtype) if cfg.mse_hessian and prep.diag is not None else None
+    scale, zero, gidx = _grid(w_in, prep.perm, cfg, gscale, scale, importance)
     orig = w_in.clone() if prep.perm is None else w_in.gather(2, prep.perm.unsqueeze(1).expand(experts, out, n))
     del w_in
     sweep = _Sweep(
@@ -204,6 +208,29 @@ def gptq_solve_prepared(
         if dynamic:
             g_idx = _group_of_position(position[:, 0], gs)
     return make_result(codes, scale, zero, g_idx, cfg, w.dtype, counter, weight=weight, gscale=gscale)
+
+
+def _grid(
+    w: torch.Tensor,
+    perm: torch.Tensor | None,
+    cfg: SolverConfig,
+    gscale: torch.Tensor | None,
+    fixed: torch.Tensor | None,
+    importance: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Scale, zero and the group of each solving position: static groups fitted now (or the ``fixed`` scales;
+    ``importance`` [E, in] weighs the MSE observer's error per column), dynamic ones allocated for the sweep."""
+    experts, out, n = w.shape
+    gs = cfg.scheme.group_size
+    if dynamic_groups(cfg):
+        if fixed is not None:
+            raise ValueError("fixed scales need static groups (actorder 'weight', or per channel)")
+        scale = torch.empty(experts, out, cfg.scheme.num_groups(n), dtype=w.dtype, device=w.device)
+        zero = None if cfg.scheme.symmetric else torch.empty_like(scale)
+        return scale, zero, _group_of_position(torch.arange(n, device=w.device), gs).expand(experts, n)
+    fitted, zero = static_qparams(w, cfg, gscale, importance)
+    natural = torch.arange(n, device=w.device).expand(experts, n) if perm is None else perm
+    return fitted if fixed is None else fixed.to(fitted.dtype), zero, _group_of_position(natural, gs)
 
 
 def _solve_panel(sweep: _Sweep, lo: int, hi: int, level: int) -> None:

@@ -64,6 +64,7 @@ class PreparedHessians:
     use_rtn: torch.Tensor  # [E] bool, matrices solved as RTN (M = 0, perm = identity, nothing dead)
     form: FactorForm
     fallbacks: Counter[str]
+    diag: torch.Tensor | None = None  # [E, n] H's diagonal, natural order (dead columns and RTN matrices at 1)
 
 
 def solving_order(diag: torch.Tensor, cfg: SolverConfig) -> torch.Tensor | None:
@@ -165,7 +166,7 @@ def prepare_hessians(
     feedback_from_upper_(work, factor.form)
     if perm is not None:
         perm = torch.where(use_rtn.unsqueeze(1), identity, perm)
-    return PreparedHessians(feedback=work, perm=perm, dead=dead, use_rtn=use_rtn, form=factor.form, fallbacks=counter)
+    return PreparedHessians(work, perm, dead, use_rtn, factor.form, counter, diag)
 
 
 def _factor_in_place(work: torch.Tensor, method: str, factor: FactorOptions) -> torch.Tensor:
@@ -192,15 +193,20 @@ def accumulate_gram_(total: torch.Tensor, x: torch.Tensor) -> None:
     float32 products, which run on the CUDA cores): the products of bf16 numbers are exact, only the summation
     differs. Other inputs, and every CPU input, are upcast to float32 first, so CPU Hessians are bit for bit what
     they were."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _half_gram_supported(x.device, x.dtype):
+    accumulate_product_(total, x, x)
+
+
+def accumulate_product_(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``total += aᵀb`` for ``a, b [tokens, n]`` of one dtype, as ``accumulate_gram_`` (which is a = b)."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _half_gram_supported(a.device, a.dtype):
         # cuBLAS's sum over a long token dimension loses precision: against float64, on an H200 at 32768 tokens
         # of width 7168, 1.2e-4 in one product, 2.5e-5 in chunks of 8192, 9.5e-6 in chunks of 4096 (15% slower
         # than one product), 6.2e-6 for float32 on the CUDA cores (14x slower). Chunks summed in float32 bound it.
-        for chunk in x.split(GRAM_CHUNK):
-            torch.addmm(total, chunk.t(), chunk, out_dtype=torch.float32, out=total)
+        for ca, cb in zip(a.split(GRAM_CHUNK), b.split(GRAM_CHUNK), strict=True):
+            torch.addmm(total, ca.t(), cb, out_dtype=torch.float32, out=total)
         return
-    xf = x.float()
-    total.addmm_(xf.t(), xf)
+    af = a.float()
+    total.addmm_(af.t(), af if b is a else b.float())
 
 
 @cache

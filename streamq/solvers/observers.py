@@ -125,20 +125,29 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) 
 
 
 def fit_qparams(
-    groups: torch.Tensor, cfg: SolverConfig, global_scale: torch.Tensor | None = None
+    groups: torch.Tensor,
+    cfg: SolverConfig,
+    global_scale: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point for each group ``[..., group_size]`` (reduced over the last dimension);
-    ``global_scale`` as in ``range_qparams``."""
+    ``global_scale`` as in ``range_qparams``; ``weight`` (broadcast against ``groups``): each element's weight
+    in the MSE observer's error."""
     lo, hi = torch.aminmax(groups, dim=-1)
     if cfg.observer == "minmax":
         return range_qparams(lo, hi, cfg.scheme, global_scale)
     if cfg.observer == "mse":
-        return _mse_qparams(groups, lo, hi, cfg, global_scale)
+        return _mse_qparams(groups, lo, hi, cfg, global_scale, weight)
     raise ValueError(f"unknown observer {cfg.observer!r}")
 
 
 def _mse_qparams(
-    groups: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, cfg: SolverConfig, gscale: torch.Tensor | None
+    groups: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    cfg: SolverConfig,
+    gscale: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Shrink the min-max range by 1 - i/grid for i < max_shrink*grid; keep, per group, the range whose
     rounding error has the smallest sum of |error|**norm. Ties keep the widest range (the min-max one)."""
@@ -154,7 +163,8 @@ def _mse_qparams(
         scale, zero = range_qparams(p * lo, p * hi, cfg.scheme, gscale)
         zero_b = None if zero is None else zero.unsqueeze(-1)
         deq = dequantize(quantize(groups, scale.unsqueeze(-1), zero_b, cfg.scheme), scale.unsqueeze(-1), zero_b)
-        err = (deq - groups).abs_().pow_(cfg.mse_norm).sum(-1)
+        err = (deq - groups).abs_().pow_(cfg.mse_norm)
+        err = (err if weight is None else err.mul_(weight)).sum(-1)
         step_err, step_idx = err.min(dim=0)
         better = step_err < best_err
         best_err = torch.where(better, step_err, best_err)

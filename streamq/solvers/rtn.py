@@ -12,13 +12,16 @@ from streamq.solvers.scheme import QuantResult, SolverConfig
 
 
 def static_qparams(
-    w: torch.Tensor, cfg: SolverConfig, gscale: torch.Tensor | None = None
+    w: torch.Tensor, cfg: SolverConfig, gscale: torch.Tensor | None = None, importance: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale/zero ``[..., out, groups]`` fitted on the natural input groups of ``w`` ``[..., out, in]``;
-    ``gscale`` is NVFP4's global scale of each matrix (``observers.global_scale(w)`` when not given)."""
+    ``gscale`` is NVFP4's global scale of each matrix (``observers.global_scale(w)`` when not given);
+    ``importance`` ``[..., in]``: each input column's weight in the MSE observer's error (None: equal)."""
     if gscale is None:
         gscale = global_scale(w, cfg.scheme)
-    return fit_qparams(group_view(w, cfg.scheme.group_size), cfg, gscale)
+    gs = cfg.scheme.group_size
+    weight = None if importance is None else group_view(importance, gs).unsqueeze(-3)
+    return fit_qparams(group_view(w, gs), cfg, gscale, weight)
 
 
 def make_result(

@@ -148,6 +148,12 @@ class SolverConfig:
     mse_grid: int = 100
     mse_max_shrink: float = 0.8
     mse_norm: float = 2.4
+    # GPTQ with static groups: the MSE observer weighs each column's rounding error by the Hessian's diagonal (its
+    # input's mean square), so the clipping is chosen for the output error rather than the weight error.
+    mse_hessian: bool = False
+    # Rounds of (least-squares scales against the output error for the codes found, then a new GPTQ sweep with
+    # them); integer grids with static groups only (see solvers/scale_refine.py).
+    scale_rounds: int = 0
 
 
 @dataclass
