@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from streamq.errors import StreamqError
 from streamq.io.safetensors_stream import SCALE_SUFFIX, CheckpointReader
 
 # Of the budget: 3/8 for the Hessians of one calibration pass, 5/8 for the solver (the shares the two used to
@@ -27,6 +28,10 @@ HESSIAN_SHARE = 0.375
 # On a GPU, the budget is this share of the memory free at the start of the run (the rest: the block's weights,
 # a micro-batch's activations, the allocator's slack).
 CUDA_FREE_SHARE = 0.8
+# On a GPU the automatic budget leaves room beside it for the loaded block (its bf16 weights) and that block's
+# packed output, kept on the device until the writer copies it (a quarter of the block at 4 bits, half at 8): the
+# 80 GB plan of bench/RESULTS.md ran out of memory with a budget that did not count them.
+RESIDENT_BLOCKS = 1.5
 # On the CPU the Hessians and the solver workspace are host memory, which must stay about one block: the budget
 # is this many times the largest block's bf16 size (Hessians 3/4 of a block, at the cost of more passes).
 CPU_BLOCKS = 2
@@ -67,7 +72,7 @@ def plan_memory(
     block's bf16 size); ``hessian_bytes`` and ``solve_batch`` override their part of it; ``moe_input_bytes``: a
     block's MoE inputs and routing for every calibration token (0: the model has no MoE block)."""
     if budget is None:
-        budget = _device_budget(device) if device.type == "cuda" else CPU_BLOCKS * block_bytes
+        budget = _gpu_budget(device, block_bytes) if device.type == "cuda" else CPU_BLOCKS * block_bytes
     hessians = hessian_bytes if hessian_bytes is not None else int(budget * HESSIAN_SHARE)
     solver = budget - int(budget * HESSIAN_SHARE)
     cache = moe_input_bytes if 0 < moe_input_bytes <= solver * CACHE_SHARE else 0
@@ -83,6 +88,17 @@ def moe_input_bytes(tokens: int, hidden: int, top_k: int, dtype: torch.dtype) ->
 def _device_budget(device: torch.device) -> int:
     free, _ = torch.cuda.mem_get_info(device)
     return int(free * CUDA_FREE_SHARE)
+
+
+def _gpu_budget(device: torch.device, block_bytes: int) -> int:
+    """The automatic budget on a GPU: its share of free memory less what one block holds beside the plan."""
+    usable, resident = _device_budget(device), int(block_bytes * RESIDENT_BLOCKS)
+    if usable <= resident:
+        raise StreamqError(
+            f"{device}: {_size(usable)} of free memory is usable, but a block and its packed output take "
+            f"{_size(resident)}; use a GPU with more free memory or more GPUs (--gpus N)"
+        )
+    return usable - resident
 
 
 def largest_block_bytes(reader: CheckpointReader) -> int:

@@ -439,3 +439,16 @@ def test_no_block_shows_the_same_stage_twice_in_a_row(
         names = [name for name, _ in seen]  # passes alternate calibrate / solve: no name repeats
         assert all(a != b for a, b in itertools.pairwise(names)), (block, seen)
         assert seen[-2:] == [("write", None), ("propagate", None)], (block, seen)
+
+
+def test_the_automatic_gpu_budget_leaves_room_for_the_block_and_its_packed_output(monkeypatch) -> None:
+    from streamq import memory
+
+    gpu, block = torch.device("cuda:0"), 22 << 30  # a DeepSeek-V3 MoE block in bf16
+    monkeypatch.setattr(memory, "_device_budget", lambda device: 64 << 30)  # 80% of an 80 GB card's free memory
+    plan = plan_memory(gpu, block)
+    assert plan.budget == (64 << 30) - int(block * memory.RESIDENT_BLOCKS)
+    assert plan_memory(gpu, block, budget=50 << 30).budget == 50 << 30  # a budget given is taken as given
+    monkeypatch.setattr(memory, "_device_budget", lambda device: 30 << 30)
+    with pytest.raises(StreamqError, match=r"cuda:0: 30\.0 GiB of free memory is usable, but a block and its packed"):
+        plan_memory(gpu, block)
