@@ -9,6 +9,7 @@ transformers 5 keeps routed experts fused (``mlp.experts.gate_up_proj`` [E, 2I, 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 from transformers import (
@@ -22,7 +23,7 @@ from transformers import (
 
 from streamq.config import V2, architecture_family
 from streamq.io.safetensors_stream import CheckpointReader
-from streamq.model.deepseek import MTP_EXTRAS
+from streamq.model.deepseek import MTP_EXTRAS, forward_blocks
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 
@@ -74,3 +75,29 @@ def hf_model(reader: CheckpointReader, dtype: torch.dtype = torch.float32) -> Pr
     # Non-persistent buffers (rotary frequencies) were created on the meta device: rebuild them.
     model.model.rotary_emb = type(model.model.rotary_emb)(model.config)
     return model.to(dtype).eval()
+
+
+@dataclass(frozen=True)
+class Forwards:
+    """Both models on the same ids, in float32: each one's output of every decoder block (by layer) and logits."""
+
+    ours: dict[int, torch.Tensor]
+    logits: torch.Tensor
+    theirs: dict[int, torch.Tensor]
+    ref_logits: torch.Tensor
+    ref: PreTrainedModel
+
+
+def both_forwards(reader: CheckpointReader, ids: torch.Tensor) -> Forwards:
+    """streamq's block-by-block forward and transformers' model (``hf_model``) on ``ids``."""
+    ours: dict[int, torch.Tensor] = {}
+    logits = forward_blocks(reader, ids, dtype=torch.float32, on_block=lambda i, h: ours.__setitem__(i, h.clone()))
+    ref = hf_model(reader)
+    theirs: dict[int, torch.Tensor] = {}
+    for i, layer in enumerate(ref.model.layers):
+        layer.register_forward_hook(
+            lambda _m, _a, out, i=i: theirs.__setitem__(i, out[0] if isinstance(out, tuple) else out)
+        )
+    with torch.no_grad():
+        ref_logits = ref(input_ids=ids).logits
+    return Forwards(ours, logits, theirs, ref_logits, ref)

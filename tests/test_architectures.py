@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from hf_reference import hf_classes, hf_model
+from hf_reference import both_forwards, hf_classes
 
 from streamq.config import ModelConfig
 from streamq.errors import StreamqError
@@ -255,25 +255,18 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_every_block_and_every_routing_decision_match_transformers(preset_reader: CheckpointReader) -> None:
     reader, cfg = preset_reader, preset_reader.config
     ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
-    ours: dict[int, torch.Tensor] = {}
-    logits = forward_blocks(reader, ids, dtype=torch.float32, on_block=lambda i, h: ours.__setitem__(i, h.clone()))
-    ref = hf_model(reader)
-    assert type(ref).__name__ == ("DeepseekV2ForCausalLM" if cfg.scoring_func == "softmax" else "DeepseekV3ForCausalLM")
-    theirs: dict[int, torch.Tensor] = {}
-    for i, layer in enumerate(ref.model.layers):
-        layer.register_forward_hook(
-            lambda _m, _a, out, i=i: theirs.__setitem__(i, out[0] if isinstance(out, tuple) else out)
-        )
-    with torch.no_grad():
-        ref_logits = ref(input_ids=ids).logits
-    assert sorted(ours) == sorted(theirs) == list(range(cfg.num_hidden_layers))
-    for i in ours:
-        assert rel_err(ours[i], theirs[i]) < 1e-3, f"block {i}"
-    assert rel_err(logits, ref_logits) < 1e-3
+    run = both_forwards(reader, ids)
+    assert type(run.ref).__name__ == (
+        "DeepseekV2ForCausalLM" if cfg.scoring_func == "softmax" else "DeepseekV3ForCausalLM"
+    )
+    assert sorted(run.ours) == sorted(run.theirs) == list(range(cfg.num_hidden_layers))
+    for i in run.ours:
+        assert rel_err(run.ours[i], run.theirs[i]) < 1e-3, f"block {i}"
+    assert rel_err(run.logits, run.ref_logits) < 1e-3
     x = torch.randn(256, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
     for layer in (i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)):
         weights, idx = load_block(reader, layer, "cpu", torch.float32).mlp.gate(x)
-        _, ref_weights, ref_idx = ref.model.layers[layer].mlp.gate(x)
+        _, ref_weights, ref_idx = run.ref.model.layers[layer].mlp.gate(x)
         order, ref_order = idx.sort(-1), ref_idx.sort(-1)
         assert torch.equal(order.values, ref_order.values), f"layer {layer}"
         torch.testing.assert_close(weights.gather(1, order.indices), ref_weights.gather(1, ref_order.indices))

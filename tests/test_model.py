@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_reference import hf_model
+from hf_reference import both_forwards, hf_model
 
 from streamq.io.safetensors_stream import CheckpointReader
-from streamq.model.deepseek import Gate, forward_blocks, load_block, rope_cos_sin
+from streamq.model.deepseek import Gate, load_block, rope_cos_sin
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -32,22 +32,11 @@ def test_tiny_checkpoint_has_the_layout_the_acceptance_needs(reader: CheckpointR
 def test_every_block_and_the_logits_match_transformers(reader: CheckpointReader) -> None:
     torch.manual_seed(0)
     ids = torch.randint(0, reader.config.vocab_size, (2, 24))
-    ours: dict[int, torch.Tensor] = {}
-    logits = forward_blocks(reader, ids, dtype=torch.float32, on_block=lambda i, h: ours.__setitem__(i, h.clone()))
-
-    ref = hf_model(reader)
-    theirs: dict[int, torch.Tensor] = {}
-    for i, layer in enumerate(ref.model.layers):
-        layer.register_forward_hook(
-            lambda _m, _a, out, i=i: theirs.__setitem__(i, out[0] if isinstance(out, tuple) else out)
-        )
-    with torch.no_grad():
-        ref_logits = ref(input_ids=ids).logits
-
-    assert sorted(ours) == sorted(theirs) == list(range(reader.config.num_hidden_layers))
-    for i in ours:
-        assert rel_err(ours[i], theirs[i]) < 1e-3, f"block {i}"
-    assert rel_err(logits, ref_logits) < 1e-3
+    run = both_forwards(reader, ids)
+    assert sorted(run.ours) == sorted(run.theirs) == list(range(reader.config.num_hidden_layers))
+    for i in run.ours:
+        assert rel_err(run.ours[i], run.theirs[i]) < 1e-3, f"block {i}"
+    assert rel_err(run.logits, run.ref_logits) < 1e-3
 
 
 @pytest.mark.slow
