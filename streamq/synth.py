@@ -204,6 +204,27 @@ PRESETS: dict[str, dict[str, object]] = {
 PRESETS["v32"] = {**PRESETS["tiny"], **_V32, "index_n_heads": 2, "index_head_dim": 64, "index_topk": 16}
 # DeepSeek-V3.2's width: the release's config (index_n_heads 64, index_head_dim 128, index_topk 2048).
 PRESETS["v32-full"] = {**PRESETS["v3"], **_V32, "index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048}
+# Kimi-K2's width: DeepSeek-V3's hidden and expert sizes with the release's 64 heads and 163,840-token vocabulary,
+# and the tiny kimi-k2 preset's routing and rope fields.
+_KIMI_FIELDS = (
+    "model_type",
+    "n_routed_experts",
+    "n_group",
+    "topk_group",
+    "routed_scaling_factor",
+    "first_k_dense_replace",
+    "max_position_embeddings",
+    "rope_theta",
+    "rope_scaling",
+    "num_nextn_predict_layers",
+)
+PRESETS["kimi-k2-full"] = {
+    **PRESETS["v3"],
+    **{key: PRESETS["kimi-k2"][key] for key in _KIMI_FIELDS},
+    "vocab_size": 163840,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 64,
+}
 
 
 @dataclass(frozen=True)

@@ -340,6 +340,14 @@ def test_tiny_presets_keep_the_released_architecture_fields(preset: str, release
     assert (cfg["q_lora_rank"] is None) == (released["q_lora_rank"] is None)  # widths shrink, the q path stays
 
 
+def test_the_full_width_kimi_preset_has_the_released_widths() -> None:
+    """The preset the GPU benchmark runs: Kimi-K2's routing with its real widths (64 heads, not V3's 128)."""
+    cfg = synth_config(SynthOptions(preset="kimi-k2-full"))
+    widths = ("vocab_size", "hidden_size", "num_hidden_layers", "moe_intermediate_size", "q_lora_rank")
+    assert {k: cfg[k] for k in RELEASED_FIELDS + widths} == {k: KIMI_K2[k] for k in RELEASED_FIELDS + widths}
+    assert (cfg["num_attention_heads"], cfg["kv_lora_rank"], cfg["intermediate_size"]) == (64, 512, 18432)
+
+
 def test_fewer_kimi_experts_keep_one_group() -> None:
     cfg = ModelConfig.from_dict(synth_config(SynthOptions(preset="kimi-k2", experts=24)))
     assert (cfg.n_routed_experts, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok) == (24, 1, 1, 8)
