@@ -57,7 +57,7 @@ SOLVER_S_PER_EXPERT = (3.52 + 1.55) * 1e-3
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="scratch directory (tens of GB)")
-    parser.add_argument("--preset", default="v3", help="a synth preset: v3, v32-full, kimi-k2-full (full width) or tiny (a CPU smoke test)")
+    parser.add_argument("--preset", default="v3", help="synth preset: v3, v32-full, kimi-k2-full or tiny (CPU)")
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--dense", type=int, default=1)
     parser.add_argument("--samples", type=int, default=64)
@@ -154,6 +154,8 @@ def measure(args: argparse.Namespace, model: Path, gpus: int) -> dict:
     return {
         "run_seconds": seconds,
         "peak_rss_gib": peak.stop() / 2**30,
+        "peak_pss_gib": peak.peak_pss / 2**30,
+        "rss_at_peak": peak.at_peak,
         "memory_plan": report.get("memory_plan"),
         "blocks": blocks,
         "extrapolation": extrapolate(blocks, args.samples * args.seq_len),
@@ -172,10 +174,13 @@ def _block_done_seconds(events: Path) -> dict[int, float]:
 
 
 class PeakRss:
-    """The largest sum of resident memory over a process and all its descendants, sampled from /proc."""
+    """The largest sum of resident memory over a process and all its descendants, sampled from /proc; with each
+    process's share at that moment (anonymous, file-backed, shared memory) and the peak of the summed PSS, which
+    counts a page shared by several processes (the CUDA libraries' code, say) once instead of once per process."""
 
     def __init__(self, root: int, every: float = 0.2) -> None:
-        self.root, self.every, self.peak = root, every, 0
+        self.root, self.every, self.peak, self.peak_pss = root, every, 0, 0
+        self.at_peak: list[dict[str, int]] = []
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
@@ -187,7 +192,11 @@ class PeakRss:
 
     def _poll(self) -> None:
         while not self._done.wait(self.every):
-            self.peak = max(self.peak, sum(_rss(pid) for pid in _tree(self.root)))
+            parts = [_memory(pid) for pid in _tree(self.root)]
+            total = sum(p["rss"] for p in parts)
+            if total > self.peak:
+                self.peak, self.at_peak = total, parts
+            self.peak_pss = max(self.peak_pss, sum(p["pss"] for p in parts))
 
 
 def _tree(root: int) -> list[int]:
@@ -207,14 +216,23 @@ def _tree(root: int) -> list[int]:
     return tree
 
 
-def _rss(pid: int) -> int:
+_STATUS = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file", "RssShmem:": "shmem"}
+
+
+def _memory(pid: int) -> dict[str, int]:
+    """Bytes of resident memory of ``pid``: total, anonymous, file-backed, shared, and its PSS."""
+    out = {"pid": pid, "rss": 0, "anon": 0, "file": 0, "shmem": 0, "pss": 0}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+            key = line.split(maxsplit=1)[0] if line else ""
+            if key in _STATUS:
+                out[_STATUS[key]] = int(line.split()[1]) * 1024
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                out["pss"] = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return out
 
 
 def floors(cfg: ModelConfig, samples: int, seq: int, kind: str) -> dict[str, float]:
@@ -277,7 +295,10 @@ def extrapolate(blocks: list[dict], tokens: int) -> dict[str, float]:
 
 def print_table(run: dict, gpus: int, tokens: int, device: str, floor: dict[str, dict[str, float]]) -> None:
     print(f"\n{gpus} x {device}: {tokens} calibration tokens; run {run['run_seconds']:.1f} s")
-    print(f"peak resident memory of the process tree: {run['peak_rss_gib']:.1f} GiB")
+    print(f"peak resident memory of the process tree: {run['peak_rss_gib']:.1f} GiB (PSS {run['peak_pss_gib']:.1f})")
+    for part in run["rss_at_peak"]:
+        gib = {k: f"{v / 2**30:.2f}" for k, v in part.items() if k != "pid"}
+        print(f"  pid {part['pid']} at the peak, GiB: {gib}")
     print("seconds per stage, the floor for one GPU in brackets")
     if run.get("memory_plan"):
         plan = run["memory_plan"]

@@ -152,6 +152,14 @@ def run(
     token_budget: Annotated[int, typer.Option(min=1, help="Tokens per forward micro-batch.")] = 32768,
     memory_budget_gb: Annotated[float | None, typer.Option(help="GB for Hessians + solver (auto).")] = None,
     hessian_budget_gb: Annotated[float | None, typer.Option(help="GB of expert Hessians per pass (auto).")] = None,
+    activations: Annotated[
+        str,
+        typer.Option(
+            help="Where the activations between blocks live: auto (on the GPU when the memory plan has room, "
+            "else read from and written to OUT's work directory), device (always on the compute device) or disk. "
+            "The disk copy that resume needs is written in every case."
+        ),
+    ] = "auto",
     display: Annotated[str, typer.Option(help="auto, rich, plain or none.")] = "auto",
     allow_nonfinite: Annotated[
         bool, typer.Option(help="On NaN/Inf go on with the solver's fallbacks (NaN as 0, RTN); errors then show NaN.")
@@ -227,12 +235,15 @@ def _scheme_options(values: list[str]) -> list[tuple[str, str]]:
 
 
 def _run_options(p: dict[str, Any]) -> RunOptions:
+    from streamq.memory import ACTIVATION_MODES
     from streamq.pipeline import RunOptions
 
     if p["dtype"] not in ("bfloat16", "float32"):
         raise StreamqError(f"--dtype {p['dtype']}: choose bfloat16 or float32")
     if p["display"] not in ("auto", "rich", "plain", "none"):
         raise StreamqError(f"--display {p['display']}: choose auto, rich, plain or none")
+    if p["activations"] not in ACTIVATION_MODES:
+        raise StreamqError(f"--activations {p['activations']}: choose {', '.join(ACTIVATION_MODES)}")
 
     def gib(value: float | None) -> int | None:
         return None if value is None else int(value * 2**30)
@@ -244,6 +255,7 @@ def _run_options(p: dict[str, Any]) -> RunOptions:
         memory_budget=gib(p["memory_budget_gb"]),
         hessian_budget=gib(p["hessian_budget_gb"]),
         allow_nonfinite=p["allow_nonfinite"],
+        activations=p["activations"],
     )
 
 

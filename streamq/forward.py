@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -64,11 +65,24 @@ def block_forward(
     return h + block.mlp.combine(local, slots).view(m.shape)
 
 
+class ActivationSource(Protocol):
+    """Where a block's input is read from: the disk (io.activations.ActivationReader) or the device
+    (resident.ResidentActivations)."""
+
+    def read(self, first: int, stop: int) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
+
+
+class ActivationSink(Protocol):
+    def write(self, first: int, values: torch.Tensor) -> None: ...
+
+
 @dataclass(frozen=True)
 class BlockInputs:
     """A block's saved input on this rank, micro-batch by micro-batch, and the rotary tables it needs."""
 
-    source: ActivationReader
+    source: ActivationReader | ActivationSource
     batches: list[tuple[int, int]]
     cos: torch.Tensor
     sin: torch.Tensor
@@ -85,15 +99,16 @@ class BlockInputs:
 def propagate(
     block: Block,
     inputs: BlockInputs,
-    writer: ActivationWriter,
+    writer: ActivationWriter | ActivationSink,
     dtype: torch.dtype,
     dist: Dist = SINGLE,
     experts: Sequence[int] | None = None,
     check: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """Run ``block`` over ``inputs`` and write its output (as ``dtype``) to ``writer``; returns the first
-    micro-batch's output. ``experts``: this rank's routed experts (None: all); ``check`` sees each output
-    micro-batch before it is written (the run's finiteness guard)."""
+    """Run ``block`` over ``inputs`` and write its output (as ``dtype``) to ``writer``, which may hold the inputs
+    themselves (each micro-batch is read before its output is written); returns the first micro-batch's output.
+    ``experts``: this rank's routed experts (None: all); ``check`` sees each output micro-batch before it is
+    written (the run's finiteness guard)."""
     everyone = range(len(block.mlp.experts)) if isinstance(block.mlp, MoE) else range(0)
     first_output = None
     for (first, _), x in zip(inputs.batches, inputs.read(), strict=True):

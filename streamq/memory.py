@@ -8,6 +8,10 @@ When a block's MoE input (every calibration token's, with its routing) fits in h
 half is given to keeping it on the device across the block's calibration passes (block_solve.MoEInputCache), so
 that only the first pass reads the block's input and runs its attention. The Hessians' share, hence the number
 of passes, does not change; on a smaller device, or with more tokens, nothing is kept.
+
+Before that, the activations between blocks (this rank's share) are kept on the device when they fit in
+ACTIVATION_SHARE of the solver's share (resident.py): every pass and the propagation of every block then read them
+there instead of through host memory. What is left of the share is the MoE-input cache's to take, by its rule.
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ CPU_BLOCKS = 2
 # Of the solver's share, at most this much goes to keeping a block's MoE inputs (the solver needs far less than
 # its share at DeepSeek-V3's shapes: 32 gate/up experts' weights, Hessians and factors are ~20 GB of 69).
 CACHE_SHARE = 0.5
+# Of the solver's share, at most this much goes to keeping the activations between blocks on the device. The
+# solver works in chunks of experts that fit what is left (solvers/gptq.py): at DeepSeek-V3's shapes on an H200
+# (a 48 GiB share) the 28 GiB of one GPU's activations at 2 M tokens leave it 20 GiB, about its 32 experts.
+ACTIVATION_SHARE = 0.65
+ACTIVATION_MODES = ("auto", "device", "disk")
 GIB = 1 << 30
 
 
@@ -48,12 +57,14 @@ class MemoryPlan:
     solver_bytes: int  # the solver's working memory for one batched call
     solve_batch: int  # experts stacked into one solver call
     cache_bytes: int = 0  # a block's MoE inputs kept across its calibration passes (0: recomputed per pass)
+    resident_bytes: int = 0  # the activations between blocks kept on the device (0: read from and written to disk)
 
     def describe(self) -> str:
         cache = f" + MoE inputs kept {_size(self.cache_bytes)}" if self.cache_bytes else ", MoE inputs not kept"
+        kept = f" + activations kept {_size(self.resident_bytes)}" if self.resident_bytes else ""
         return (
             f"memory plan: {_size(self.budget)} = Hessians {_size(self.hessian_bytes)} per pass + "
-            f"solver {_size(self.solver_bytes)}{cache}, {self.solve_batch} experts per solver call"
+            f"solver {_size(self.solver_bytes)}{kept}{cache}, {self.solve_batch} experts per solver call"
         )
 
     def to_dict(self) -> dict[str, int]:
@@ -67,17 +78,24 @@ def plan_memory(
     hessian_bytes: int | None = None,
     solve_batch: int | None = None,
     moe_input_bytes: int = 0,
+    activation_bytes: int = 0,
+    activations: str = "auto",
 ) -> MemoryPlan:
     """The plan from ``budget`` bytes (None: from the device, or on the CPU from ``block_bytes``, the largest
     block's bf16 size); ``hessian_bytes`` and ``solve_batch`` override their part of it; ``moe_input_bytes``: a
-    block's MoE inputs and routing for every calibration token (0: the model has no MoE block)."""
+    block's MoE inputs and routing for every calibration token (0: the model has no MoE block);
+    ``activation_bytes``: this rank's activations at one block boundary, kept on the device by ``activations``:
+    "auto" on a GPU when they fit, "device" always (the CPU: host memory), "disk" never."""
     if budget is None:
         budget = _gpu_budget(device, block_bytes) if device.type == "cuda" else CPU_BLOCKS * block_bytes
     hessians = hessian_bytes if hessian_bytes is not None else int(budget * HESSIAN_SHARE)
     solver = budget - int(budget * HESSIAN_SHARE)
+    fits = device.type == "cuda" and activation_bytes <= solver * ACTIVATION_SHARE
+    resident = activation_bytes if activations == "device" or (activations == "auto" and fits) else 0
+    solver = max(solver - resident, 0)
     cache = moe_input_bytes if 0 < moe_input_bytes <= solver * CACHE_SHARE else 0
     batch = solve_batch if solve_batch is not None else (32 if device.type == "cuda" else 4)
-    return MemoryPlan(budget, hessians, solver - cache, batch, cache)
+    return MemoryPlan(budget, hessians, solver - cache, batch, cache, resident)
 
 
 def moe_input_bytes(tokens: int, hidden: int, top_k: int, dtype: torch.dtype) -> int:

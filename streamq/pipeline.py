@@ -17,6 +17,7 @@ import hashlib
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -64,6 +65,7 @@ from streamq.report import (
     save_block_report,
     write_report,
 )
+from streamq.resident import ResidentActivations
 from streamq.resume import OutputDir, crash_point
 from streamq.smooth import BlockAWQ, fold_sites
 from streamq.solve import Solved, Solver, share_dense_weights
@@ -85,6 +87,7 @@ class RunOptions:
     hessian_budget: int | None = None  # overrides the plan's bytes of expert Hessians per calibration pass
     solve_batch: int | None = None  # overrides the plan's experts per solver call
     allow_nonfinite: bool = False  # NaN/Inf go to the solvers' fallbacks instead of stopping the run (finite.py)
+    activations: str = "auto"  # between blocks: on the device when they fit (auto), always there (device), disk
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,9 @@ class _Run:
     reporter: Reporter
     dist: Dist
     model_dir: Path
-    # Manifest updates waiting for their shard's checksum (with several processes, see _finish_block).
+    # The activations between blocks when the memory plan keeps them on the device (resident.py).
+    resident: ResidentActivations | None = None
+    # Manifest updates waiting for their shard's checksum or their activations' file (see _finish_block).
     pending: list[Callable[[], None]] = field(default_factory=list)
 
 
@@ -126,6 +131,7 @@ def run(
     dtype = getattr(torch, options.dtype)
     has_moe = any(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     moe_input = moe_input_bytes(recipe.data.num_tokens, cfg.hidden_size, cfg.num_experts_per_tok, dtype)
+    spec = ActivationSpec(recipe.data.num_samples, recipe.data.seq_len, cfg.hidden_size, dtype_name(dtype))
     memory = plan_memory(
         device,
         largest_block_bytes(reader),
@@ -133,8 +139,11 @@ def run(
         options.hessian_budget,
         options.solve_batch,
         moe_input if has_moe else 0,
+        local_spec(spec, dist).nbytes,
+        options.activations,
     )
-    ctx = _Run(reader, output, recipe, options, memory, device, dtype, reporter, dist, model_dir)
+    resident = ResidentActivations(local_spec(spec, dist), device) if memory.resident_bytes else None
+    ctx = _Run(reader, output, recipe, options, memory, device, dtype, reporter, dist, model_dir, resident)
     reporter.run_start(
         model=str(model_dir),
         out=str(out),
@@ -157,6 +166,8 @@ def run(
             continue
         _quantize_block(ctx, layer)
     _finish(ctx)
+    if resident is not None:
+        resident.shutdown()
     return Path(out)
 
 
@@ -173,12 +184,16 @@ def _start(ctx: _Run, tokens: torch.Tensor | None) -> None:
         digest = hashlib.sha256()
         write_shard(output.path / file, plan_tensors(reader, names, {}, {}), _CRASH_WRITE, digest=digest)
     embedding = load_embedding(reader, ctx.device, ctx.dtype)
-    writer = ActivationWriter(output.activation_path(0, dist), local_spec(spec, dist))
+    path = output.activation_path(0, dist)
+    sink = ctx.resident if ctx.resident is not None else ActivationWriter(path, local_spec(spec, dist))
     per_batch = batch_samples(spec, ctx.options.token_budget, dist)
     for first, stop in rank_batches(spec, per_batch, dist):
         slice_first, slice_stop = rank_slice(first * dist.world, stop * dist.world, dist)
-        writer.write(first, embedding(tokens[slice_first:slice_stop].to(ctx.device)))
-    writer.commit()
+        sink.write(first, embedding(tokens[slice_first:slice_stop].to(ctx.device)))
+    if isinstance(sink, ActivationWriter):
+        sink.commit()
+    else:
+        sink.spill(path, 0).result()
     if dist.main:
         output.record_shard(HEAD, file, digest.hexdigest())
     output.start_activations(spec, per_batch)
@@ -199,7 +214,7 @@ def _quantize_block(ctx: _Run, layer: int) -> None:
         batches = rank_batches(
             spec, manifest.batch_samples or batch_samples(spec, ctx.options.token_budget, dist), dist
         )
-        source = ActivationReader(output.activation_path(layer, dist), local_spec(spec, dist))
+        source = _block_input(ctx, layer, spec)
         inputs = BlockInputs(source, batches, *rope_cos_sin(cfg, spec.seq_len, ctx.device), ctx.device)
         reference = block_forward(block, next(inputs.read()), inputs.cos, inputs.sin, dist, experts).float()
     every = linear_groups(cfg, layer, ctx.recipe)
@@ -212,10 +227,16 @@ def _quantize_block(ctx: _Run, layer: int) -> None:
         shard = ctx.output.path / shard_name(1 + layer, ctx.output.manifest.total_shards)
         writing = start_block_shard(shard, ctx.reader, layer, ctx.recipe, solved, block, dist, _CRASH_WRITE)
     with clock("propagate"):
-        writer = ActivationWriter(output.activation_path(layer + 1, dist), local_spec(spec, dist))
+        path = output.activation_path(layer + 1, dist)
         check = partial(check_activations, layer=layer, stage="propagate", allow=ctx.options.allow_nonfinite)
-        first = propagate(block, inputs, writer, ctx.dtype, dist, experts, check)
-        writer.commit()
+        spilling: Future[None] | None = None
+        if ctx.resident is None:
+            writer = ActivationWriter(path, local_spec(spec, dist))
+            first = propagate(block, inputs, writer, ctx.dtype, dist, experts, check)
+            writer.commit()
+        else:  # in place; the next block's input reaches its file while the next block computes
+            first = propagate(block, inputs, ctx.resident, ctx.dtype, dist, experts, check)
+            spilling = ctx.resident.spill(path, layer + 1)
         report.rel_error = rel_error(first.float(), reference, dist)
     if dist.world == 1:
         with clock("write", announce=False):  # what of the write (hashed as written) propagation did not hide
@@ -225,7 +246,15 @@ def _quantize_block(ctx: _Run, layer: int) -> None:
         targets.source.close()
     merge_rank_stats(report, solved.errors, solved.fallbacks, len(solved.packed), dist)
     report.wall_seconds = time.perf_counter() - started
-    _finish_block(ctx, layer, report, writing)
+    _finish_block(ctx, layer, report, writing, spilling)
+
+
+def _block_input(ctx: _Run, layer: int, spec: ActivationSpec) -> ActivationReader | ResidentActivations:
+    """The block's input where it is: kept on the device by the previous block, else (the first block run after a
+    resume, or activations on disk) in the file."""
+    if ctx.resident is not None and ctx.resident.holds(layer):
+        return ctx.resident
+    return ActivationReader(ctx.output.activation_path(layer, ctx.dist), local_spec(spec, ctx.dist))
 
 
 def _float_stream(
@@ -315,13 +344,15 @@ def _block_awq(
     return BlockAWQ(block, sites, mine, recipe.solver_for(scheme), dist, stored)
 
 
-def _finish_block(ctx: _Run, layer: int, report: BlockReport, writing: ShardWrite) -> None:
+def _finish_block(
+    ctx: _Run, layer: int, report: BlockReport, writing: ShardWrite, spilling: Future[None] | None
+) -> None:
     """Record the finished block in the manifest. With several processes rank 0 can hash the shard only once
-    every rank has written its part, which takes longer than propagation hides: the record then waits (the
-    previous block's input kept, so a crash meanwhile resumes from this block) until the next block's first
-    calibration pass is done (or its write starts, or the run ends)."""
-    record = partial(_record_block, ctx, layer, report, writing)
-    if ctx.dist.world == 1:
+    every rank has written its part, and activations kept on the device reach their file only after propagation:
+    the record then waits (the block's input kept, so a crash meanwhile resumes from this block) until the next
+    block's first calibration pass is done (or its write starts, or the run ends)."""
+    record = partial(_record_block, ctx, layer, report, writing, spilling)
+    if ctx.dist.world == 1 and spilling is None:
         record()
     else:
         ctx.pending.append(record)
@@ -334,9 +365,13 @@ def _settle(ctx: _Run) -> None:
         ctx.pending.pop(0)()
 
 
-def _record_block(ctx: _Run, layer: int, report: BlockReport, writing: ShardWrite) -> None:
+def _record_block(
+    ctx: _Run, layer: int, report: BlockReport, writing: ShardWrite, spilling: Future[None] | None
+) -> None:
     output, dist = ctx.output, ctx.dist
     digest = writing.result()
+    if spilling is not None:
+        spilling.result()
     old = output.activation_path(layer, dist)
     if dist.main:
         output.record_shard(f"layer.{layer}", shard_name(1 + layer, output.manifest.total_shards), digest)

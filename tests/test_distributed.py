@@ -70,6 +70,18 @@ def test_two_processes_write_the_bytes_of_one(tiny_checkpoint: Path, single: Pat
 
 
 @pytest.mark.slow
+def test_two_processes_keeping_their_activations_write_the_bytes_of_one(
+    tiny_checkpoint: Path, single: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    done = streamq_run(tiny_checkpoint, out, 2, extra=("--activations", "device"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "activations kept" in done.stdout.splitlines()[0]
+    assert model_files(out) == model_files(single)  # single: one process, activations on disk
+    assert report(out) == report(single)
+
+
+@pytest.mark.slow
 def test_a_killed_rank_resumes_to_the_same_bytes(tiny_checkpoint: Path, single: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     killed = streamq_run(tiny_checkpoint, out, 2, crash="solve:2@1")  # rank 1, in the first MoE block

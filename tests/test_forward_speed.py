@@ -109,3 +109,35 @@ def test_write_behind_copies_the_values_before_the_caller_reuses_them(tmp_path: 
     writer.commit()
     back = ActivationReader(tmp_path / "acts.bin", spec, pin=False, ahead=False).read(0, 4)
     assert back[:2].eq(1).all() and back[2:].eq(3).all()
+
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_activations_kept_on_the_device_reach_their_file_whole(
+    tmp_path: Path, device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file written behind the compute holds exactly the values computed last before ``spill`` (on a GPU the
+    copies run on a stream of their own, after the kernels queued before), in pieces of any size."""
+    import streamq.resident
+    from streamq.resident import ResidentActivations
+
+    spec = ActivationSpec(samples=7, seq_len=5, hidden=6)
+    monkeypatch.setattr(streamq.resident, "PIECE_BYTES", 3 * spec.sample_bytes)  # 3 pieces, the last short
+    kept = ResidentActivations(spec, torch.device(device))
+    data = torch.randn(7, 5, 6, generator=torch.Generator().manual_seed(4)).bfloat16().to(device)
+    for first, stop in microbatches(7, 2):
+        kept.write(first, data[first:stop] * 3 + 1)  # computed on the device, in the caller's stream
+    done = kept.spill(tmp_path / "acts.bin", layer=5)
+    done.result()
+    kept.shutdown()
+    assert kept.holds(5) and not kept.holds(4)
+    expected = (data * 3 + 1).cpu()
+    back = ActivationReader(tmp_path / "acts.bin", spec, pin=False, ahead=False).read(0, 7)
+    assert torch.equal(back, expected)
+    assert torch.equal(kept.read(2, 4).cpu(), expected[2:4])
+    assert not list(tmp_path.glob(".*tmp*")), "the temporary file must be renamed"

@@ -110,9 +110,12 @@ CRASH_POINTS = {
 }
 
 
-def streamq_run(model: Path, out: Path, crash: str | None) -> subprocess.CompletedProcess[str]:
+def streamq_run(
+    model: Path, out: Path, crash: str | None, extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "STREAMQ_CRASH_AT": crash or ""}
-    return subprocess.run(streamq_command(model, out), env=env, capture_output=True, text=True, timeout=600)
+    cmd = [*streamq_command(model, out), *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def streamq_command(model: Path, out: Path) -> list[str]:
@@ -150,6 +153,28 @@ def test_killed_run_resumes_to_identical_bytes(
     resumed = streamq_run(tiny_checkpoint, out, None)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert output_files(out) == output_files(reference_out)
+    assert report_without_times(out) == report_without_times(reference_out)
+
+
+# With the activations kept on the device (here the CPU's memory), a block is recorded only once the next block's
+# input has reached its file, during the next block's first pass: a kill inside that pass resumes one block
+# earlier than with the activations on disk (calibrate:2), the others where they did.
+KEPT_CRASH_POINTS = {"propagate:3": 0, "calibrate:2": 1, "block-done:3": 3}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("crash", KEPT_CRASH_POINTS)
+def test_activations_kept_on_the_device_give_the_same_bytes_and_resume_exactly(
+    crash: str, tiny_checkpoint: Path, reference_out: Path, tmp_path: Path
+) -> None:
+    out, kept = tmp_path / "out", ("--activations", "device")
+    killed = streamq_run(tiny_checkpoint, out, crash, kept)
+    assert killed.returncode == -9, f"the fault point {crash} was not reached:\n{killed.stderr[-2000:]}"
+    assert json.loads((out / MANIFEST_NAME).read_text())["next_layer"] == KEPT_CRASH_POINTS[crash]
+    assert "activations kept" in killed.stdout.splitlines()[0]
+    resumed = streamq_run(tiny_checkpoint, out, None, kept)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert output_files(out) == output_files(reference_out)  # reference_out: activations on disk
     assert report_without_times(out) == report_without_times(reference_out)
 
 
@@ -410,6 +435,24 @@ def test_peak_host_memory_stays_about_one_block(tmp_path: Path) -> None:
     assert stats["peak"] - stats["base"] < allowed < stats["layers"] * stats["block_bf16"], stats
 
 
+def test_activations_are_kept_on_a_gpu_only_within_their_share_of_the_solvers() -> None:
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a budget given: no device is asked for its memory
+    budget = 8 << 30
+    solver_share = budget - int(budget * 0.375)
+    room = int(solver_share * 0.65)
+    fits = plan_memory(cuda, 0, budget, activation_bytes=room)
+    assert fits.resident_bytes == room and fits.solver_bytes == solver_share - room
+    assert "activations kept 3.2 GiB" in fits.describe()
+    assert plan_memory(cuda, 0, budget, activation_bytes=room + 1).resident_bytes == 0
+    assert plan_memory(cuda, 0, budget, activation_bytes=room, activations="disk").resident_bytes == 0
+    assert plan_memory(cpu, 0, budget, activation_bytes=room).resident_bytes == 0  # the CPU: disk unless asked
+    assert plan_memory(cpu, 0, budget, activation_bytes=room, activations="device").resident_bytes == room
+    # What the kept activations leave of the solver's share is the MoE-input cache's to take, by its rule.
+    both = plan_memory(cuda, 0, budget, moe_input_bytes=(solver_share - room) // 2, activation_bytes=room)
+    assert both.cache_bytes == (solver_share - room) // 2
+    assert both.budget == both.hessian_bytes + both.solver_bytes + both.cache_bytes + both.resident_bytes
+
+
 def test_the_memory_plan_is_shown_at_the_start_and_kept_in_the_report(tiny_checkpoint: Path, tmp_path: Path) -> None:
     shown = io.StringIO()
     with Reporter(None, display="plain", stream=shown) as reporter:
@@ -418,6 +461,7 @@ def test_the_memory_plan_is_shown_at_the_start_and_kept_in_the_report(tiny_check
     assert "streamq: " in start and "| memory plan: " in start and "experts per solver call" in start, start
     plan = json.loads((tmp_path / "out" / REPORT_NAME).read_text())["memory_plan"]
     assert plan["budget"] == plan["hessian_bytes"] + plan["solver_bytes"] + plan["cache_bytes"] > 0
+    assert plan["resident_bytes"] == 0  # the CPU keeps the activations on disk unless told otherwise
 
 
 @pytest.mark.parametrize("extra", [(), ("--scope", "all")], ids=["experts", "all"])
