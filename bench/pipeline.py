@@ -44,9 +44,12 @@ FULL_DENSE, FULL_MOE, FULL_TOKENS = 3, 58, 512 * 4096
 # (gate/up tied + down) from bench/gptq.py (bench/RESULTS.md, issue 3).
 # `streamq run` in a process that may allocate at most argv[1] GiB on its GPU (a smaller card's memory; the plan's
 # budget still comes from --memory-budget-gb, since the driver reports the real card's free memory).
+# A smaller GPU, as streamq sees one: the allocator capped at GIB, and the driver's free memory reported as what is
+# left of GIB (so that the automatic memory plan is the one that GPU would get).
 _CAPPED = (
-    "import sys, torch; gib = float(sys.argv.pop(1)); "
-    "torch.cuda.set_per_process_memory_fraction(gib * 2**30 / torch.cuda.get_device_properties(0).total_memory); "
+    "import sys, torch; gib = float(sys.argv.pop(1)); cap = int(gib * 2**30); "
+    "torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory); "
+    "torch.cuda.mem_get_info = lambda device=None: (cap - torch.cuda.memory_reserved(device), cap); "
     "from streamq.cli import main; sys.argv[0] = 'streamq'; main()"
 )
 BF16_FLOPS = 780e12

@@ -17,7 +17,10 @@ import json
 import math
 import mmap
 import re
+import threading
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,6 +31,10 @@ from streamq.errors import StreamqError
 from streamq.io.packed import int_bits
 from streamq.io.source_quant import CompressedSource, logical_shape
 from streamq.kernels.fp8_blocks import dequant_fp8_blocks
+
+# Threads reading a block's tensors at once (CheckpointReader.load_prefix): a copy out of the page cache and to the
+# device runs at a few GB/s on one thread.
+READERS = 4
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -171,6 +178,7 @@ class CheckpointReader:
         self.infos = _index_tensors(self.dir)
         self.infos.update(_fused_expert_views(self.infos))
         self._maps: dict[Path, _MappedFile] = {}
+        self._maps_lock = threading.Lock()  # load_prefix reads from several threads
         # Packed Linears (a compressed-tensors source such as Kimi-K2-Thinking's INT4 experts, or streamq's own
         # output), read under their dense weight name.
         self.compressed = CompressedSource.from_config(self.config.raw, str(self.dir / "config.json"))
@@ -195,9 +203,10 @@ class CheckpointReader:
     def raw(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
         """The tensor exactly as stored."""
         info = self.info(name)
-        mapped = self._maps.get(info.file)
-        if mapped is None:
-            mapped = self._maps[info.file] = _MappedFile(info.file)
+        with self._maps_lock:
+            mapped = self._maps.get(info.file)
+            if mapped is None:
+                mapped = self._maps[info.file] = _MappedFile(info.file)
         return mapped.read(info).to(device)
 
     def weight(
@@ -207,17 +216,25 @@ class CheckpointReader:
         pack-quantized ones (streamq's output) with their group scales."""
         if name in self.packed:
             return self._unpack(name, device, dtype)
+        return self._convert(*self._fetch(name, device), dtype)
+
+    def _fetch(self, name: str, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What ``weight`` reads from the files for an unpacked ``name``: the tensor and its FP8 scales, if any."""
         tensor = self.raw(name, device)
-        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            scale_name = name + SCALE_SUFFIX
-            if scale_name not in self.infos:
-                scale_name = name + CT_SCALE_SUFFIX
-            if scale_name not in self.infos:
-                raise StreamqError(
-                    f"{self.infos[name].file}: FP8 tensor {name} has no {scale_name}; the checkpoint is incomplete"
-                )
-            block = self.config.fp8_block or (128, 128)
-            return dequant_fp8_blocks(tensor, self.raw(scale_name, device), block, dtype)
+        if tensor.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return tensor, None
+        scale_name = name + SCALE_SUFFIX
+        if scale_name not in self.infos:
+            scale_name = name + CT_SCALE_SUFFIX
+        if scale_name not in self.infos:
+            raise StreamqError(
+                f"{self.infos[name].file}: FP8 tensor {name} has no {scale_name}; the checkpoint is incomplete"
+            )
+        return tensor, self.raw(scale_name, device)
+
+    def _convert(self, tensor: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        if scale is not None:
+            return dequant_fp8_blocks(tensor, scale, self.config.fp8_block or (128, 128), dtype)
         return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
     def _unpack(self, name: str, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
@@ -256,20 +273,37 @@ class CheckpointReader:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.bfloat16,
         keep: Callable[[str], bool] = lambda _name: True,
+        readers: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """All tensors under ``prefix`` (prefix stripped) that ``keep`` accepts (by stripped name), FP8 weights
-        dequantized and their scales dropped.
+        dequantized and their scales dropped; ``readers`` threads (default READERS) read the files ahead of the
+        conversion.
 
         Float32 tensors stay float32 (DeepSeek keeps the router's correction bias in float32)."""
-        out: dict[str, torch.Tensor] = {}
+        wanted: list[tuple[str, torch.dtype]] = []
         names = self.names(prefix) + sorted(n for n in self.packed if n.startswith(prefix))
         for name in names:
             packed_part = name not in self.packed and name.rsplit(".", 1)[0] + ".weight" in self.packed
             if _is_fused(name) or _is_component(name, self.infos) or packed_part or not keep(name[len(prefix) :]):
                 continue
             stored = self.infos[name].dtype if name in self.infos else dtype
-            want = torch.float32 if stored in (torch.float32, torch.float64) and dtype != torch.float64 else dtype
-            out[name[len(prefix) :]] = self.weight(name, device, want)
+            wanted.append(
+                (name, torch.float32 if stored in (torch.float32, torch.float64) and dtype != torch.float64 else dtype)
+            )
+        out: dict[str, torch.Tensor] = {}
+        threads = max(1, readers or READERS)
+        with ThreadPoolExecutor(threads, thread_name_prefix="streamq-load") as pool:
+            # At most two reads per thread ahead of the conversion: the device holds a few raw tensors more.
+            ahead: deque[Future[tuple[torch.Tensor, torch.Tensor | None]] | None] = deque()
+            todo = iter(wanted)
+            for name, want in wanted:
+                while len(ahead) < 2 * threads and (nxt := next(todo, None)) is not None:
+                    ahead.append(None if nxt[0] in self.packed else pool.submit(self._fetch, nxt[0], device))
+                fetched = ahead.popleft()
+                key = name[len(prefix) :]
+                out[key] = (
+                    self.weight(name, device, want) if fetched is None else self._convert(*fetched.result(), want)
+                )
         return out
 
     def info(self, name: str) -> TensorInfo:
