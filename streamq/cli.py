@@ -175,10 +175,10 @@ def run(
     scales included), the data set must give --num-samples x --seq-len tokens, and --group-size must divide the
     in_features of every Linear in --scope (routed experts, and with --scope all also attention, shared experts
     and dense MLPs); a Linear it does not divide refuses the run with the group sizes that fit."""
-    from streamq import distributed
+    from streamq.launch import launch
 
     if gpus is not None and gpus > 1 and "WORLD_SIZE" not in os.environ:
-        sys.exit(distributed.launch(gpus, _without_option(sys.argv[1:], "--gpus")))
+        sys.exit(launch(gpus, _without_option(sys.argv[1:], "--gpus")))
     recipe = _recipe_from_options(ctx.params)
     _quantize(model, out, recipe, _run_options(ctx.params), display)
 
@@ -279,7 +279,8 @@ def _quantize(model: str, out: Path, recipe: Recipe, options: RunOptions, displa
     except KeyboardInterrupt as exc:
         # Every finished block is in the manifest: an interrupted run is resumed, not started again.
         how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        typer.echo(f"streamq: {how}; rerun the same command to resume {out}", err=True)
+        if dist.main:  # each worker is stopped; rank 0 speaks for the run
+            typer.echo(f"streamq: {how}; rerun the same command to resume {out}", err=True)
         raise typer.Exit(128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)) from None
     finally:
         distributed.shutdown()

@@ -9,16 +9,13 @@ and the weighted expert outputs go back to the tokens' ranks by a reduce-scatter
 exactly one owning expert, so that sum only ever adds zeros to one value: it is exact, and the output does not
 depend on the number of processes.
 
-Launch: ``streamq run ... --gpus N`` starts ``torchrun --standalone --nproc-per-node N -m streamq run ...``;
-``torchrun`` can also be called directly, including its multi-node rendezvous flags.
+Launch: ``streamq run ... --gpus N`` starts N workers of the same command (launch.py); ``torchrun`` can also be
+called directly, including its multi-node rendezvous flags.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -107,13 +104,16 @@ _SIDE_GROUP: Any = None
 
 
 def from_environment(device: str) -> tuple[Dist, str]:
-    """The process group torchrun describes in the environment (or a single process), and this rank's device."""
+    """The process group the launcher (or torchrun) describes in the environment (or a single process), and this
+    rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return SINGLE, device
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device != "cpu" and torch.cuda.is_available()
     if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise StreamqError(f"--gpus {world}: this machine has {torch.cuda.device_count()} GPUs")
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     if not torch_dist.is_initialized():
@@ -126,13 +126,3 @@ def shutdown() -> None:
     _SIDE_GROUP = None
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
-
-
-def launch(nproc: int, argv: Sequence[str]) -> int:
-    """Run this command again under torchrun with ``nproc`` processes on this machine; its exit status."""
-    if nproc < 1:
-        raise StreamqError(f"--gpus {nproc}: needs at least 1")
-    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
-        raise StreamqError(f"--gpus {nproc}: this machine has {torch.cuda.device_count()} GPUs")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return subprocess.call([*cmd, "-m", "streamq", *argv])

@@ -1,9 +1,10 @@
-"""Several processes (torchrun, gloo on the CPU): expert + data parallelism give the single-process bytes."""
+"""Several processes (streamq's launcher, gloo on the CPU): expert + data parallelism give the single-process bytes."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ def streamq_run(
     model: Path, out: Path, gpus: int, crash: str = "", extra: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
     # One thread per process: CPU matrix products split their sums by thread, so the thread count is part of
-    # what makes two runs bitwise comparable (torchrun gives each worker one thread).
+    # what makes two runs bitwise comparable (the launcher, like torchrun, gives each worker one thread).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STREAMQ_CRASH_AT": crash}
     cmd = [sys.executable, "-m", "streamq", "run", str(model), str(out), *ARGS, *extra, "--display", "plain"]
     if gpus > 1:
@@ -141,3 +142,41 @@ def test_a_killed_last_rank_of_four_resumes_to_the_same_bytes(
     resumed = streamq_run(tiny_checkpoint, out, 4, extra=FOUR)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert model_files(out) == model_files(single_four)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_every_worker_and_the_run_resumes(
+    tiny_checkpoint: Path, single: Path, tmp_path: Path
+) -> None:
+    """A batch scheduler's stop reaches the launcher only: it passes SIGTERM on, each worker stops cleanly, and
+    the run resumes to the bytes of one process."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STREAMQ_CRASH_AT": ""}
+    cmd = [sys.executable, "-m", "streamq", "run", str(tiny_checkpoint), str(out), *ARGS, "--display", "plain"]
+    with subprocess.Popen(
+        [*cmd, "--gpus", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "block 2: calibrate" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err
+    assert err.count("streamq: terminated (SIGTERM)") == 1, err[-2000:]  # rank 0 speaks for the run
+    manifest = json.loads((out / "streamq_manifest.json").read_text())
+    assert not manifest["complete"] and manifest["next_layer"] <= 2
+    resumed = streamq_run(tiny_checkpoint, out, 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert model_files(out) == model_files(single)
+
+
+def test_more_workers_than_visible_gpus_are_refused_before_anything_is_written(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"}
+    cmd = [sys.executable, "-m", "streamq", "run", str(tiny_checkpoint), str(tmp_path / "out"), "--gpus", "3"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--gpus 3: this machine has 2 GPUs" in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
