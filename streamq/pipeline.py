@@ -107,7 +107,8 @@ class _Run:
     # The activations between blocks when the memory plan keeps them on the device (resident.py).
     resident: ResidentActivations | None = None
     # Manifest updates waiting for their shard's checksum or their activations' file (see _finish_block).
-    pending: list[Callable[[], None]] = field(default_factory=list)
+    # Each with whether it can be made without waiting.
+    pending: list[tuple[Callable[[], None], Callable[[], bool]]] = field(default_factory=list)
 
 
 def run(
@@ -223,7 +224,7 @@ def _quantize_block(ctx: _Run, layer: int) -> None:
     solved = _solve_block(ctx, block, groups, inputs, report, targets) if every else Solved()
     share_dense_weights(dict(block.named_modules()), groups, solved, dist)
     with clock("write"):  # started here, finished in the background while the block propagates
-        _settle(ctx)  # if no calibration pass did: before this block's output activations take the room
+        _settle(ctx)  # before this block's output activations take the room (and, kept, overwrite its input)
         shard = ctx.output.path / shard_name(1 + layer, ctx.output.manifest.total_shards)
         writing = start_block_shard(shard, ctx.reader, layer, ctx.recipe, solved, block, dist, _CRASH_WRITE)
     with clock("propagate"):
@@ -319,7 +320,15 @@ def _solve_block(
     # The previous block's record (see _finish_block) waits at most until this block's first pass is done.
     clock = StageClock(report, ctx.reporter)
     stats = calibrate_and_solve(
-        block, groups, inputs, calibration, method, clock, on_experts, partial(_settle, ctx), targets
+        block,
+        groups,
+        inputs,
+        calibration,
+        method,
+        clock,
+        on_experts,
+        partial(_settle, ctx, ctx.dist.world > 1),
+        targets,
     )
     if moe is not None and stats is not None:
         routed = stats.into.counts.tolist()
@@ -350,19 +359,26 @@ def _finish_block(
     """Record the finished block in the manifest. With several processes rank 0 can hash the shard only once
     every rank has written its part, and activations kept on the device reach their file only after propagation:
     the record then waits (the block's input kept, so a crash meanwhile resumes from this block) until the next
-    block's first calibration pass is done (or its write starts, or the run ends)."""
+    block's first calibration pass is done (one process: until both are, at the latest when the next block's
+    write starts; several: all wait then), or the run ends."""
     record = partial(_record_block, ctx, layer, report, writing, spilling)
     if ctx.dist.world == 1 and spilling is None:
         record()
     else:
-        ctx.pending.append(record)
+        ctx.pending.append((record, partial(_ready, writing, spilling)))
     release_host_memory()
     ctx.reporter.block_done(layer, rel_error=report.rel_error if report.rel_error is not None else float("nan"))
 
 
-def _settle(ctx: _Run) -> None:
-    while ctx.pending:
-        ctx.pending.pop(0)()
+def _settle(ctx: _Run, wait: bool = True) -> None:
+    """Make the pending records; without ``wait`` only those ready (one process: no other rank has to take part in
+    the same record at the same point)."""
+    while ctx.pending and (wait or ctx.pending[0][1]()):
+        ctx.pending.pop(0)[0]()
+
+
+def _ready(writing: ShardWrite, spilling: Future[None] | None) -> bool:
+    return writing.future.done() and (spilling is None or spilling.done())
 
 
 def _record_block(

@@ -18,9 +18,9 @@ import torch
 
 from streamq.io.activations import ActivationSpec, ActivationWriter
 
-# Bytes copied out per piece: small enough that the host side stays two pieces (pinned), large enough for the
-# copy engine and the disk to run at speed.
-PIECE_BYTES = 256 << 20
+# Bytes copied out per piece (at least one sample): the host side is two pieces of pinned memory, so this is what
+# keeping the activations on the device costs in host memory; a piece is written by several threads at once.
+PIECE_BYTES = 64 << 20
 
 
 class ResidentActivations:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from streamq.errors import StreamqError
-from streamq.io.atomic import fsync_dir, pwrite_tensor, temporary_name, write_error
+from streamq.io.atomic import fsync_dir, temporary_name, write_error
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -138,7 +138,8 @@ class ActivationWriter:
         offset = first * spec.sample_bytes
         if self._pool is None:
             try:
-                pwrite_tensor(self._fd, values, offset)
+                host = values.detach().to("cpu").contiguous()
+                _in_parallel(_pwrite_from, self._fd, memoryview(host.view(torch.uint8).reshape(-1).numpy()), offset)
             except OSError as exc:
                 self.abort()
                 raise write_error(self.path, exc) from None

@@ -36,8 +36,11 @@ from streamq.solvers.scheme import QuantScheme, SolverConfig
 _FP8_E4M3_MAX = 448.0
 _FP8_E4M3_EPS = 0.125
 _E8M0_EXP = (-126, 127)
-# Candidate grids evaluated at once by the MSE search; bounds its temporary memory to this many elements.
+# Candidate grids evaluated at once by the MSE search; bounds its temporary memory to this many elements. On the
+# CPU the temporaries are host memory, which a run keeps to about one block (memory.py): 16 MiB per temporary
+# instead of 256 MiB (a few are alive at once; the larger bound doubled a CPU run's peak above a block's).
 _MSE_ELEMENTS_PER_STEP = 1 << 26
+_MSE_ELEMENTS_PER_STEP_CPU = 1 << 22
 
 
 def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -153,7 +156,8 @@ def _mse_qparams(
     rounding error has the smallest sum of |error|**norm. Ties keep the widest range (the min-max one)."""
     steps = max(1, int(cfg.mse_max_shrink * cfg.mse_grid))
     shrink = 1.0 - torch.arange(steps, device=groups.device, dtype=groups.dtype) / cfg.mse_grid
-    per_step = max(1, _MSE_ELEMENTS_PER_STEP // max(1, groups.numel()))
+    cap = _MSE_ELEMENTS_PER_STEP_CPU if groups.device.type == "cpu" else _MSE_ELEMENTS_PER_STEP
+    per_step = max(1, cap // max(1, groups.numel()))
     best_err = torch.full_like(lo, float("inf"))
     if gscale is not None:  # shaped before the candidates' leading dimension is added
         gscale = _per_matrix(gscale, lo)
