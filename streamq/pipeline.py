@@ -327,7 +327,7 @@ def _solve_block(
         method,
         clock,
         on_experts,
-        partial(_settle, ctx, ctx.dist.world > 1),
+        partial(_settle, ctx, False),
         targets,
     )
     if moe is not None and stats is not None:
@@ -359,8 +359,8 @@ def _finish_block(
     """Record the finished block in the manifest. With several processes rank 0 can hash the shard only once
     every rank has written its part, and activations kept on the device reach their file only after propagation:
     the record then waits (the block's input kept, so a crash meanwhile resumes from this block) until the next
-    block's first calibration pass is done (one process: until both are, at the latest when the next block's
-    write starts; several: all wait then), or the run ends."""
+    block's first calibration pass finds both done on every rank, at the latest until the next block's write
+    starts, or the run ends."""
     record = partial(_record_block, ctx, layer, report, writing, spilling)
     if ctx.dist.world == 1 and spilling is None:
         record()
@@ -371,9 +371,11 @@ def _finish_block(
 
 
 def _settle(ctx: _Run, wait: bool = True) -> None:
-    """Make the pending records; without ``wait`` only those ready (one process: no other rank has to take part in
-    the same record at the same point)."""
-    while ctx.pending and (wait or ctx.pending[0][1]()):
+    """Make the pending records; without ``wait`` only those ready on every rank (every rank calls this at the same
+    points and makes the same records, which take part in collectives)."""
+    while ctx.pending:
+        if not wait and not all(ctx.dist.gather_objects(ctx.pending[0][1]())):
+            return
         ctx.pending.pop(0)[0]()
 
 
