@@ -57,7 +57,11 @@ SOLVER_S_PER_EXPERT = (3.52 + 1.55) * 1e-3
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="scratch directory (tens of GB)")
-    parser.add_argument("--preset", default="v3", help="a synth preset: v3, v32-full, kimi-k2-full (full width) or tiny (a CPU smoke test)")
+    parser.add_argument(
+        "--preset",
+        default="v3",
+        help="a synth preset: v3, v32-full, kimi-k2-full (full width) or tiny (a CPU smoke test)",
+    )
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--dense", type=int, default=1)
     parser.add_argument("--samples", type=int, default=64)
