@@ -93,13 +93,23 @@ RECIPES = {
 _MINMAX = {"observer": "minmax"}
 _MSE80 = {"observer": "mse", "mse_grid": 100, "mse_max_shrink": 0.8}  # the MSE observer's own 80 ratios
 _HMSE80 = {**_MSE80, "mse_hessian": True}
+_MSE_FINE = {"observer": "mse", "mse_grid": 100, "mse_max_shrink": 0.2}  # the default since issue 13: 1.00 .. 0.81
 VARIANTS: dict[str, dict[str, dict]] = {
     "default": {},
     "legacy": {"solver": _MINMAX},  # the default before issue 13
     "mse16": {"solver": {"observer": "mse", "mse_grid": 40, "mse_max_shrink": 0.4}},  # 1.000, 0.975, ... 0.625
     "mse": {"solver": _MSE80},
     "mse20": {"solver": {"observer": "mse", "mse_grid": 20, "mse_max_shrink": 0.8}},
-    "mse-fine": {"solver": {"observer": "mse", "mse_grid": 100, "mse_max_shrink": 0.2}},  # the default: 1.00 .. 0.81
+    "mse-fine": {"solver": _MSE_FINE},
+    "damp001": {"solver": {**_MSE_FINE, "damp": 0.001}},
+    "damp003": {"solver": {**_MSE_FINE, "damp": 0.003}},
+    "damp03": {"solver": {**_MSE_FINE, "damp": 0.03}},
+    "damp1": {"solver": {**_MSE_FINE, "damp": 0.1}},
+    "cd2": {"solver": {**_MSE_FINE, "code_rounds": 2}},
+    "cd4": {"solver": {**_MSE_FINE, "code_rounds": 4}},
+    "sc3": {"solver": {**_MSE_FINE, "scale_candidates": (0.94, 0.97, 1.03)}},
+    "sc3-cd2": {"solver": {**_MSE_FINE, "scale_candidates": (0.94, 0.97, 1.03), "code_rounds": 2}},
+    "sc2-cd2": {"solver": {**_MSE_FINE, "scale_candidates": (0.96, 1.04), "code_rounds": 2}},
     "hmse": {"solver": _HMSE80},
     "ls": {"solver": {**_MINMAX, "scale_rounds": 1}},
     "mse-ls": {"solver": {**_MSE80, "scale_rounds": 1}},
@@ -396,6 +406,12 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-samples", type=int, default=128)
+    parser.add_argument(
+        "--eval-offset",
+        type=int,
+        default=0,
+        help="score held-out windows [offset, offset + eval-samples): a tuning split apart from the reported one",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -411,8 +427,7 @@ def main() -> None:
         venv_python(args.venv)
     check_calibration_ids(args)
 
-    eval_cfg = DataConfig(source=str(args.text), num_samples=args.eval_samples, seq_len=args.seq_len, split="eval")
-    scorer = Scorer(args.work / "source-hf", load_token_batches(eval_cfg, args.model), batch=16)
+    scorer = Scorer(args.work / "source-hf", eval_windows(args), batch=16)
     identity = metrics(scorer.score(load_experts_from_source(args.model)))
     if identity["kl"] > 1e-9:
         raise SystemExit(f"scorer check failed: the source's own experts give KL {identity['kl']:.3g}")
@@ -434,6 +449,17 @@ def main() -> None:
     print_table(rows, tokens, identity["source_perplexity"])
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def eval_windows(args: argparse.Namespace) -> torch.Tensor:
+    """The held-out windows scored: the first ``--eval-samples`` of the evaluation split (the reported numbers), or
+    with ``--eval-offset`` the next ones, never seen by the reported table, for choosing hyper-parameters."""
+    total = args.eval_offset + args.eval_samples
+    cfg = DataConfig(source=str(args.text), num_samples=total, seq_len=args.seq_len, split="eval")
+    windows = load_token_batches(cfg, args.model)
+    if len(torch.unique(windows, dim=0)) < total:
+        raise SystemExit(f"the evaluation split has fewer than {total} windows of {args.seq_len} tokens")
+    return windows[args.eval_offset :]
 
 
 def load_experts_from_source(model: Path) -> dict[str, torch.Tensor]:

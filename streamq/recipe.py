@@ -91,6 +91,10 @@ class Plan:
         return out
 
 
+# Solver fields written to the recipe only when set (see Recipe.to_dict).
+_SOLVER_OPTIONAL = ("code_rounds", "scale_candidates")
+
+
 def default_solver() -> SolverConfig:
     """The default recipe's solver: GPTQ with MSE-searched group scales over 20 clipping ratios 1.00, 0.99, ...
     0.81 (llm-compressor's MSE observer range; bench/RESULTS.md "issue 13": the direction that paid against
@@ -147,6 +151,7 @@ class Recipe:
         if not 0 <= self.solver.damp < 1:
             raise StreamqError(f"--damp must be in [0, 1), not {self.solver.damp}")
         self._check_scale_rounds()
+        self._check_refinements()
         if self.method == "awq":
             _check_awq(self.plan())
 
@@ -198,6 +203,24 @@ class Recipe:
         if rounds and any(s.group_size for s in schemes) and self.solver.actorder != "weight":
             raise StreamqError("--scale-rounds needs scales fixed before the sweep: --act-order, or --scale-rounds 0")
 
+    def _check_refinements(self) -> None:
+        rounds, candidates = self.solver.code_rounds, self.solver.scale_candidates
+        if rounds < 0:
+            raise StreamqError(f"--code-rounds must be >= 0, not {rounds}")
+        if any(not (0 < m < 2) or m == 1 for m in candidates):
+            listed = ",".join(f"{m:g}" for m in candidates)
+            raise StreamqError(f"--scale-candidates {listed}: each must be in (0, 2) and not 1 (the scales as fitted)")
+        if not candidates:
+            return
+        schemes = [self.scheme, *self.plan().quantized().values()]
+        fp4 = next((s.format for s in schemes if s.format != "int"), None)
+        if fp4 is not None:
+            raise StreamqError(
+                f"--scale-candidates multiply integer scales: drop it for --format {fp4} (or its --scheme)"
+            )
+        if any(s.group_size for s in schemes) and self.solver.actorder != "weight":
+            raise StreamqError("--scale-candidates needs scales fixed before the sweep: add --act-order, or drop it")
+
     @property
     def scheme(self) -> QuantScheme:
         return self.solver.scheme
@@ -209,12 +232,16 @@ class Recipe:
             d["schemes"] = dict(self.schemes)
         if self.source_experts == "requantize":
             del d["source_experts"]
+        for name in _SOLVER_OPTIONAL:  # off: not serialised, so recipes from before these options keep their digest
+            if not d["solver"][name]:
+                del d["solver"][name]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
         solver = dict(d["solver"])
         solver["scheme"] = QuantScheme(**solver["scheme"])
+        solver["scale_candidates"] = tuple(solver.get("scale_candidates", ()))
         schemes = tuple(dict(d.get("schemes") or {}).items())
         return cls(**{**d, "solver": SolverConfig(**solver), "data": DataConfig(**d["data"]), "schemes": schemes})
 

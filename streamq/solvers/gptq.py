@@ -34,6 +34,7 @@ import torch
 from streamq.kernels.gptq_block import gptq_block
 from streamq.solvers import fallbacks as fb
 from streamq.solvers.cholesky import tf32_matmuls
+from streamq.solvers.code_descent import refine_codes
 from streamq.solvers.hessian import FactorForm, FactorOptions, PreparedHessians, prepare_hessians
 from streamq.solvers.observers import fit_qparams, global_scale
 from streamq.solvers.rtn import make_result, static_qparams
@@ -141,11 +142,86 @@ def _solve_chunk(
     dtype = torch.float32 if use_triton else options.dtype
     prep = prepare_hessians(h, cfg, options.factor, dtype)
     result = gptq_solve_prepared(w, prep, cfg, options)
+    if cfg.scale_candidates:
+        result = _best_rows(w, damped_hessians(h, prep, cfg), prep, result, cfg, options)
     for _ in range(cfg.scale_rounds):
         # Scales refitted to the output error with these codes, then a new sweep on that grid (scale_refine.py).
         scale = refine_scales(w, h, result.q, result.scale, result.zero_point, cfg)
         result = gptq_solve_prepared(w, prep, cfg, options, scale=scale)
+    if cfg.code_rounds:
+        result = _descend_codes(w, damped_hessians(h, prep, cfg), prep, result, cfg)
     return result
+
+
+def damped_hessians(h: torch.Tensor, prep: PreparedHessians, cfg: SolverConfig) -> torch.Tensor:
+    """The Hessians the sweep solved with, in natural order and float32: damped alike, dead columns at 1 (their
+    weights are zeroed), the identity for matrices solved as RTN. What the refinements after the sweep minimise."""
+    diag = prep.diag.to(torch.float32)
+    damped = h.float().clone()
+    damped.diagonal(dim1=-2, dim2=-1).copy_(diag + cfg.damp * diag.mean(1, keepdim=True))
+    damped = torch.where(prep.dead.unsqueeze(1) | prep.dead.unsqueeze(2), 0.0, damped)
+    damped.diagonal(dim1=-2, dim2=-1).copy_(torch.where(prep.dead, 1.0, damped.diagonal(dim1=-2, dim2=-1)))
+    eye = torch.eye(h.shape[-1], dtype=torch.float32, device=h.device)
+    return torch.where(prep.use_rtn.view(-1, 1, 1), eye, damped)
+
+
+def _target_weights(w: torch.Tensor, prep: PreparedHessians) -> torch.Tensor:
+    """``w`` in float32 as the sweep read it: NaN/Inf and dead columns at 0."""
+    return fb.zero_nonfinite(w.float(), Counter()).masked_fill(prep.dead.unsqueeze(1), 0.0)
+
+
+def _descend_codes(
+    w: torch.Tensor, damped: torch.Tensor, prep: PreparedHessians, result: QuantResult, cfg: SolverConfig
+) -> QuantResult:
+    """``cfg.code_rounds`` rounds of coordinate descent on the sweep's codes (code_descent.py) against ``damped``
+    (an identity Hessian, for matrices solved as RTN, leaves their codes as they are)."""
+    target = _target_weights(w, prep)
+    zero = None if result.zero_point is None else result.zero_point.float()
+    codes = refine_codes(target, damped, result.q, result.scale, zero, result.g_idx, cfg.scheme, cfg.code_rounds)
+    return make_result(
+        codes, result.scale, zero, result.g_idx, cfg, w.dtype, Counter(result.fallbacks), gscale=result.global_scale
+    )
+
+
+def _best_rows(
+    w: torch.Tensor,
+    damped: torch.Tensor,
+    prep: PreparedHessians,
+    result: QuantResult,
+    cfg: SolverConfig,
+    options: SolveOptions,
+) -> QuantResult:
+    """One more sweep per multiplier of ``result``'s scales; each row keeps the sweep with the smallest output
+    error (w - ŵ) H (w - ŵ)ᵀ. GPTQ's rows are independent given H, so the rows picked are each a complete sweep."""
+    target = _target_weights(w, prep)
+    best, best_err = result, _row_errors(target, result, damped)
+    for multiplier in cfg.scale_candidates:
+        scale = (result.scale * multiplier).to(cfg.scheme.scale_torch_dtype).float()
+        other = gptq_solve_prepared(w, prep, cfg, options, scale=scale)
+        err = _row_errors(target, other, damped)
+        best = _pick_rows(best, other, err < best_err)
+        best_err = torch.minimum(err, best_err)
+    return best
+
+
+def _row_errors(target: torch.Tensor, result: QuantResult, h: torch.Tensor) -> torch.Tensor:
+    """[E, out] output error of each row."""
+    d = target - result.weight.float()
+    return (torch.bmm(d, h) * d).sum(-1)
+
+
+def _pick_rows(a: QuantResult, b: QuantResult, take_b: torch.Tensor) -> QuantResult:
+    """Rows of ``b`` where ``take_b`` [E, out], of ``a`` elsewhere (one grid's scales, so g_idx is shared)."""
+    rows = take_b.unsqueeze(-1)
+    zero = None if a.zero_point is None else torch.where(rows, b.zero_point, a.zero_point)
+    return replace(
+        a,
+        q=torch.where(rows, b.q, a.q),
+        scale=torch.where(rows, b.scale, a.scale),
+        zero_point=zero,
+        weight=torch.where(rows, b.weight, a.weight),
+        fallbacks=dict(Counter(a.fallbacks) | Counter(b.fallbacks)),
+    )
 
 
 def gptq_solve_prepared(
