@@ -51,7 +51,7 @@ from streamq.io.packed import dequantize_packed
 from streamq.io.safetensors_stream import CheckpointReader
 from streamq.pipeline import RunOptions, run
 from streamq.recipe import Recipe, default_solver
-from streamq.solvers.scheme import QuantScheme
+from streamq.solvers.scheme import QuantScheme, SolverConfig
 from streamq.tui import Reporter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,15 +87,15 @@ RECIPES = {
 }
 
 
-# streamq recipe variants (``--streamq-variants``): overrides of the recipe's top-level and solver fields.
-# streamq recipe variants (``--streamq-variants``, bench/RESULTS.md "issue 13"): overrides of the default recipe's
-# top-level and solver fields, each spelled out in full so that a later change of the default leaves them alone.
+# streamq recipe variants (``--streamq-variants``, bench/RESULTS.md "issue 13"): "default" is the default recipe;
+# every other one is spelled out in full over SolverConfig()'s fields (min-max scales, no refinement), so that a
+# later change of the default leaves it, and its cached results, alone.
 _MINMAX = {"observer": "minmax"}
 _MSE80 = {"observer": "mse", "mse_grid": 100, "mse_max_shrink": 0.8}  # the MSE observer's own 80 ratios
 _HMSE80 = {**_MSE80, "mse_hessian": True}
-_MSE_FINE = {"observer": "mse", "mse_grid": 100, "mse_max_shrink": 0.2}  # the default since issue 13: 1.00 .. 0.81
+_MSE_FINE = {"observer": "mse", "mse_grid": 100, "mse_max_shrink": 0.2}  # issue 13's first default: 1.00 .. 0.81
 VARIANTS: dict[str, dict[str, dict]] = {
-    "default": {},
+    "default": {},  # default_solver(), whatever it is
     "legacy": {"solver": _MINMAX},  # the default before issue 13
     "mse16": {"solver": {"observer": "mse", "mse_grid": 40, "mse_max_shrink": 0.4}},  # 1.000, 0.975, ... 0.625
     "mse": {"solver": _MSE80},
@@ -105,6 +105,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "damp003": {"solver": {**_MSE_FINE, "damp": 0.003}},
     "damp03": {"solver": {**_MSE_FINE, "damp": 0.03}},
     "damp1": {"solver": {**_MSE_FINE, "damp": 0.1}},
+    "cd1": {"solver": {**_MSE_FINE, "code_rounds": 1}},
     "cd2": {"solver": {**_MSE_FINE, "code_rounds": 2}},
     "cd4": {"solver": {**_MSE_FINE, "code_rounds": 4}},
     "sc3": {"solver": {**_MSE_FINE, "scale_candidates": (0.94, 0.97, 1.03)}},
@@ -216,12 +217,11 @@ def run_streamq(args: argparse.Namespace, recipe: PeerRecipe, tool: Tool, seed: 
     from safetensors.torch import save_file
 
     overrides = VARIANTS[tool.variant]
+    base = default_solver() if tool.variant == "default" else replace(SolverConfig(), **overrides.get("solver", {}))
     streamq_recipe = Recipe(
         method=recipe.method,
         calibration="all" if recipe.all_experts else "routed",
-        solver=replace(
-            default_solver(), scheme=QuantScheme(bits=recipe.bits, group_size=128), **overrides.get("solver", {})
-        ),
+        solver=replace(base, scheme=QuantScheme(bits=recipe.bits, group_size=128)),
         data=calibration_config(args, seed),
         **overrides.get("recipe", {}),
     )

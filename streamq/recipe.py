@@ -98,9 +98,11 @@ _SOLVER_OPTIONAL = ("code_rounds", "scale_candidates")
 def default_solver() -> SolverConfig:
     """The default recipe's solver: GPTQ with MSE-searched group scales over 20 clipping ratios 1.00, 0.99, ...
     0.81 (llm-compressor's MSE observer range; bench/RESULTS.md "issue 13": the direction that paid against
-    llm-compressor's GPTQ, and 20 ratios rather than 80 keep its cost small at DeepSeek-V3 width).
-    ``--observer absmax`` is the earlier default, byte for byte."""
-    return SolverConfig(observer="mse", mse_grid=100, mse_max_shrink=0.2)
+    llm-compressor's GPTQ, and 20 ratios rather than 80 keep its cost small at DeepSeek-V3 width), then two rounds
+    of coordinate descent on the codes (solvers/code_descent.py; RESULTS.md "issue 13", the refinements).
+    ``--code-rounds 0`` is issue 13's first default (MSE scales alone), byte for byte; ``--observer absmax
+    --code-rounds 0`` the default before issue 13."""
+    return SolverConfig(observer="mse", mse_grid=100, mse_max_shrink=0.2, code_rounds=2)
 
 
 @dataclass(frozen=True)
@@ -275,6 +277,8 @@ def describe(recipe: Recipe) -> str:
         parts.append("Hessian-weighted MSE scales" if solver.mse_hessian and recipe.method == "gptq" else "MSE scales")
     if solver.scale_rounds and recipe.method == "gptq":
         parts.append(f"least-squares scales ×{solver.scale_rounds}")
+    if recipe.method == "gptq":
+        parts += _refinements(solver)
     if not recipe.schemes:
         parts.append("routed experts" if recipe.scope == "experts" else "all Linears")
         if recipe.source_experts == "keep":
@@ -290,6 +294,15 @@ def describe(recipe: Recipe) -> str:
     source = "" if data.source == "builtin" else f" of {data.source}"
     parts.append(f"{data.num_samples}×{data.seq_len} tokens{source}")
     return ", ".join(p for p in parts if p)
+
+
+def _refinements(solver: SolverConfig) -> list[str]:
+    """GPTQ's refinements after the sweep, named when they are not the default's (two rounds of code descent)."""
+    parts = [f"scale candidates ×{len(solver.scale_candidates)}"] if solver.scale_candidates else []
+    rounds = solver.code_rounds
+    if rounds != default_solver().code_rounds:
+        parts.append(f"code descent ×{rounds}" if rounds else "no code descent")
+    return parts
 
 
 def _label(scheme: GroupScheme) -> str:

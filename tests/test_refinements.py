@@ -24,6 +24,7 @@ from streamq.solvers.scheme import QuantScheme, SolverConfig
 from streamq.solvers.synthetic import random_problem
 
 REPO = Path(__file__).resolve().parents[1]
+SWEEP_ONLY = replace(default_solver(), code_rounds=0)  # the default's scale search, no refinement after the sweep
 
 
 def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -64,7 +65,7 @@ def test_coordinate_descent_lowers_gptqs_output_error_every_round() -> None:
     w, h = random_problem(3, 32, 256, seed=5)
     errors = []
     for rounds in (0, 1, 2):
-        cfg = replace(default_solver(), scheme=QuantScheme(bits=3, group_size=128), code_rounds=rounds)
+        cfg = replace(SWEEP_ONLY, scheme=QuantScheme(bits=3, group_size=128), code_rounds=rounds)
         result = gptq_quantize(w, h, cfg)
         # The written checkpoint holds exactly codes × stored scales, and the codes stay on the grid.
         stored = result.scale.to(torch.bfloat16).float()
@@ -77,7 +78,7 @@ def test_coordinate_descent_lowers_gptqs_output_error_every_round() -> None:
 
 def test_coordinate_descent_keeps_the_scales_and_never_raises_a_rows_error() -> None:
     w, h = random_problem(2, 64, 256, seed=7)
-    cfg = replace(default_solver(), scheme=QuantScheme(bits=4, group_size=128))
+    cfg = replace(SWEEP_ONLY, scheme=QuantScheme(bits=4, group_size=128))
     plain = gptq_quantize(w, h, cfg)
     refined = gptq_quantize(w, h, replace(cfg, code_rounds=1))
     assert torch.equal(plain.scale, refined.scale)
@@ -89,7 +90,7 @@ def test_coordinate_descent_keeps_the_scales_and_never_raises_a_rows_error() -> 
 def test_scale_candidates_keep_each_rows_best_complete_sweep() -> None:
     """Every row is one candidate's sweep as a whole (codes and scale), the one with the smallest output error."""
     w, h = random_problem(2, 48, 256, seed=9)
-    cfg = replace(default_solver(), scheme=QuantScheme(bits=3, group_size=128))
+    cfg = replace(SWEEP_ONLY, scheme=QuantScheme(bits=3, group_size=128))
     multipliers = (0.9, 1.05)
     best = gptq_quantize(w, h, replace(cfg, scale_candidates=multipliers))
     prep = prepare_hessians(h, cfg)
