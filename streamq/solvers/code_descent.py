@@ -3,26 +3,40 @@
 GPTQ decides every column once, in order, and never revisits it when later columns move. With the grid (scales,
 zero points) fixed, the row's output error f(ŵ) = (w - ŵ)ᵀ H (w - ŵ) is, along one coordinate j, the parabola
 f(ŵ + Δ e_j) = f(ŵ) - 2Δ g_j + Δ² H_jj with g = H (w - ŵ); its minimum over the grid is the grid value nearest
-ŵ_j + g_j / H_jj (a parabola is symmetric about its vertex, so this holds for the non-uniform FP4 grid too).
-Visiting every column so is one round; f never increases. This is the greedy coordinate descent of CDQuant
-(Nair and Suggala, 2024, arXiv:2406.17542), applied after GPTQ as its refinement, written here from that formula.
+the vertex ŵ_j + g_j / H_jj (a parabola is symmetric about its vertex, so this holds for the non-uniform FP4 grid
+too). Visiting every column so is one round; f never increases. This is the greedy coordinate descent of CDQuant
+(Nair and Suggala, 2024, arXiv:2406.17542), applied after GPTQ as its refinement, written from that formula.
 
-Rows are independent given H, so every step is vectorised over rows and experts. g is kept up to date lazily,
-as GPTQ's feedback is: inside a block of columns only the block's own entries are updated, one column at a time;
-the rest of g gets the block's changes with one matrix product when the block is done.
+One round is GPTQ's own column sweep (``streamq.kernels.gptq_block``, Triton on CUDA) in its Cholesky form:
+with ``work`` the vertices at the start of the round, ``orig`` the current dequantized weights and the feedback
+M[i, j] = H_ij / H_jj (i < j), the sweep's recurrence v_j = work_j + Σ_{i<j} d_i M[i, j], d_i = orig_i - deq_i
+moves each vertex by exactly the change of g that the earlier columns' new values cause. Panels pass the
+feedback on as the sweep does, so most of the work is batched matrix products. Between rounds g is recomputed
+from scratch; rows are independent, so every step is batched over rows and experts.
 
-H here is the Hessian GPTQ solved with (damped as the solver damps it, natural column order), so the refinement
-minimises the same objective as the sweep.
+H is the Hessian GPTQ solved with (damped alike, natural column order), so the refinement minimises the sweep's
+objective.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from streamq.solvers.observers import column_params, dequantize, quantize
+from streamq.kernels.gptq_block import gptq_block
+from streamq.solvers.observers import column_params, dequantize
 from streamq.solvers.scheme import QuantScheme
 
-_BLOCK = 128  # columns whose g entries are updated one step at a time; the rest waits for one product per block
+
+@dataclass(frozen=True)
+class DescentRun:
+    """How the rounds run (not what they compute): the sweep's panel widths, outermost first, the last one the
+    kernel's leaf; the kernel or its torch reference; rows per Triton program."""
+
+    widths: tuple[int, ...] = (1024, 128, 32)
+    use_triton: bool = False
+    block_r: int = 64
 
 
 def refine_codes(
@@ -34,47 +48,71 @@ def refine_codes(
     g_idx: torch.Tensor | None,
     scheme: QuantScheme,
     rounds: int,
-) -> torch.Tensor:
-    """``rounds`` rounds of coordinate descent; returns the new int8 codes ``[E, out, in]``.
+    run: DescentRun | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rounds`` rounds of coordinate descent; returns the new int8 codes and dequantized weights (float32),
+    both ``[E, out, in]``.
 
     ``w`` [E, out, in] target weights, ``h`` [E, in, in] (positive diagonal), ``codes`` the int8 codes in natural
     order (multiples of the grid's unit), ``scale`` / ``zero`` [E, out, groups], ``g_idx`` [E, in] or None."""
-    n = w.shape[-1]
-    h = h.float()
-    col_scale = column_params(scale.float(), scheme.group_size, g_idx, n)
-    col_zero = None if zero is None else column_params(zero.float(), scheme.group_size, g_idx, n)
-    values = codes.float() * scheme.grid.unit  # grid values, the unit of quantize()
-    deq = dequantize(values, col_scale, col_zero)
-    grad = torch.bmm(w.float() - deq, h)  # g = (w - ŵ) H, row by row (H is symmetric)
-    inv_diag = 1.0 / h.diagonal(dim1=-2, dim2=-1)
+    run = run or DescentRun()
+    experts, _, n = w.shape
+    h, w = h.float(), w.float()
+    gs = scheme.group_size
+    deq = dequantize(
+        codes.float() * scheme.grid.unit,
+        column_params(scale.float(), gs, g_idx, n),
+        None if zero is None else column_params(zero.float(), gs, g_idx, n),
+    )
+    diag = h.diagonal(dim1=-2, dim2=-1).unsqueeze(1)  # [E, 1, n]
+    feedback = torch.triu(h, diagonal=1) / diag  # M[i, j] = H_ij / H_jj
+    gidx = _column_groups(g_idx, gs, experts, n, w.device)
+    codes = codes.clone()
     for _ in range(rounds):
-        for lo in range(0, n, _BLOCK):
-            _descend_block(lo, min(lo + _BLOCK, n), h, inv_diag, grad, values, deq, col_scale, col_zero, scheme)
-    return torch.round(values / scheme.grid.unit).to(torch.int8)
+        work = deq + torch.bmm(w - deq, h) / diag  # each column's vertex given all the others
+        orig = deq
+        _sweep_panel(work, orig, feedback, scale.float(), zero, gidx, codes, scheme, run, 0, n, 0)
+        deq = work  # the sweep left the new dequantized weights in ``work`` (and d in ``orig``)
+    return codes, deq
 
 
-def _descend_block(
+def _sweep_panel(
+    work: torch.Tensor,
+    orig: torch.Tensor,
+    feedback: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    gidx: torch.Tensor,
+    codes: torch.Tensor,
+    scheme: QuantScheme,
+    run: DescentRun,
     lo: int,
     hi: int,
-    h: torch.Tensor,
-    inv_diag: torch.Tensor,
-    grad: torch.Tensor,
-    values: torch.Tensor,
-    deq: torch.Tensor,
-    col_scale: torch.Tensor,
-    col_zero: torch.Tensor | None,
-    scheme: QuantScheme,
+    level: int,
 ) -> None:
-    """Columns [lo, hi) one at a time, in place; then g outside the block catches up with one product."""
-    start, before = grad[:, :, lo:hi].clone(), deq[:, :, lo:hi].clone()
-    for j in range(lo, hi):
-        zero = None if col_zero is None else col_zero[:, :, j]
-        vertex = deq[:, :, j] + grad[:, :, j] * inv_diag[:, j, None]
-        new_values = quantize(vertex, col_scale[:, :, j], zero, scheme)
-        new_deq = dequantize(new_values, col_scale[:, :, j], zero)
-        step = new_deq - deq[:, :, j]  # ŵ_j moves by step, so e = w - ŵ moves by -step and g by -step H[j, :]
-        values[:, :, j] = new_values
-        deq[:, :, j] = new_deq
-        grad[:, :, j + 1 : hi].sub_(step.unsqueeze(-1) * h[:, j, None, j + 1 : hi])
-    grad[:, :, lo:hi] = start
-    grad.sub_(torch.bmm(deq[:, :, lo:hi] - before, h[:, lo:hi, :]))
+    """Columns [lo, hi) in sub-panels of ``run.widths[level]``, each passing its changes to the rest at once."""
+    width = run.widths[level]
+    for a in range(lo, hi, width):
+        b = min(a + width, hi)
+        if level + 1 == len(run.widths):
+            z = None if zero is None else zero.float()
+            grid = scheme.grid
+            gptq_block(
+                work[:, :, a:b], orig[:, :, a:b], feedback[:, a:b, a:b], scale, z, gidx[:, a:b], codes[:, :, a:b],
+                grid, babai=True, use_triton=run.use_triton, block_r=run.block_r,
+            )  # fmt: skip
+        else:
+            _sweep_panel(work, orig, feedback, scale, zero, gidx, codes, scheme, run, a, b, level + 1)
+        if b < hi:
+            work[:, :, b:hi].baddbmm_(orig[:, :, a:b], feedback[:, a:b, b:hi])
+
+
+def _column_groups(
+    g_idx: torch.Tensor | None, group_size: int, experts: int, n: int, device: torch.device
+) -> torch.Tensor:
+    """int32 [E, n]: the scale group of each column (natural groups unless ``g_idx`` says otherwise)."""
+    if g_idx is not None:
+        return g_idx.to(torch.int32)
+    columns = torch.arange(n, device=device)
+    groups = torch.zeros_like(columns) if group_size == 0 else columns // group_size
+    return groups.to(torch.int32).expand(experts, n)

@@ -34,7 +34,7 @@ import torch
 from streamq.kernels.gptq_block import gptq_block
 from streamq.solvers import fallbacks as fb
 from streamq.solvers.cholesky import tf32_matmuls
-from streamq.solvers.code_descent import refine_codes
+from streamq.solvers.code_descent import DescentRun, refine_codes
 from streamq.solvers.hessian import FactorForm, FactorOptions, PreparedHessians, prepare_hessians
 from streamq.solvers.observers import fit_qparams, global_scale
 from streamq.solvers.rtn import make_result, static_qparams
@@ -149,7 +149,7 @@ def _solve_chunk(
         scale = refine_scales(w, h, result.q, result.scale, result.zero_point, cfg)
         result = gptq_solve_prepared(w, prep, cfg, options, scale=scale)
     if cfg.code_rounds:
-        result = _descend_codes(w, damped_hessians(h, prep, cfg), prep, result, cfg)
+        result = _descend_codes(w, damped_hessians(h, prep, cfg), prep, result, cfg, options)
     return result
 
 
@@ -171,16 +171,26 @@ def _target_weights(w: torch.Tensor, prep: PreparedHessians) -> torch.Tensor:
 
 
 def _descend_codes(
-    w: torch.Tensor, damped: torch.Tensor, prep: PreparedHessians, result: QuantResult, cfg: SolverConfig
+    w: torch.Tensor,
+    damped: torch.Tensor,
+    prep: PreparedHessians,
+    result: QuantResult,
+    cfg: SolverConfig,
+    options: SolveOptions,
 ) -> QuantResult:
     """``cfg.code_rounds`` rounds of coordinate descent on the sweep's codes (code_descent.py) against ``damped``
-    (an identity Hessian, for matrices solved as RTN, leaves their codes as they are)."""
-    target = _target_weights(w, prep)
+    (an identity Hessian, for matrices solved as RTN, leaves their codes as they are), run by the sweep's kernel
+    with its panels (scales are fixed, so static-group panels)."""
+    use_triton = _use_triton(options.backend, w)
+    run = DescentRun(panel_widths(replace(cfg, actorder="weight"), options), use_triton, options.sweep_rows)
     zero = None if result.zero_point is None else result.zero_point.float()
-    codes = refine_codes(target, damped, result.q, result.scale, zero, result.g_idx, cfg.scheme, cfg.code_rounds)
-    return make_result(
-        codes, result.scale, zero, result.g_idx, cfg, w.dtype, Counter(result.fallbacks), gscale=result.global_scale
-    )
+    with tf32_matmuls(options.tf32 and w.is_cuda):
+        codes, weight = refine_codes(
+            _target_weights(w, prep), damped, result.q, result.scale, zero, result.g_idx, cfg.scheme,
+            cfg.code_rounds, run,
+        )  # fmt: skip
+    fallbacks = Counter(result.fallbacks)
+    return make_result(codes, result.scale, zero, result.g_idx, cfg, w.dtype, fallbacks, weight, result.global_scale)
 
 
 def _best_rows(
