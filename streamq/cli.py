@@ -121,11 +121,13 @@ def run(
         int | None, typer.Option(help="Rounds of least-squares group scales + a new GPTQ sweep (0 = off).")
     ] = None,
     code_rounds: Annotated[
-        int | None, typer.Option(help="Rounds of coordinate descent on the codes after the GPTQ sweep (0 = off).")
+        int | None, typer.Option(help="Rounds of coordinate descent on the codes after the GPTQ sweep (default 2).")
     ] = None,
     scale_candidates: Annotated[
         str | None,
-        typer.Option(help="Multipliers of the group scales, e.g. 0.94,0.97,1.03: one more sweep each, best per row."),
+        typer.Option(
+            help="Multipliers of the group scales (default 0.94,0.97,1.03; none): a sweep each, best per row."
+        ),
     ] = None,
     target: Annotated[
         str | None, typer.Option(help="float: experts match the unquantized model's output (GPTAQ); layer: GPTQ.")

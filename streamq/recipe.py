@@ -98,11 +98,14 @@ _SOLVER_OPTIONAL = ("code_rounds", "scale_candidates")
 def default_solver() -> SolverConfig:
     """The default recipe's solver: GPTQ with MSE-searched group scales over 20 clipping ratios 1.00, 0.99, ...
     0.81 (llm-compressor's MSE observer range; bench/RESULTS.md "issue 13": the direction that paid against
-    llm-compressor's GPTQ, and 20 ratios rather than 80 keep its cost small at DeepSeek-V3 width), then two rounds
-    of coordinate descent on the codes (solvers/code_descent.py; RESULTS.md "issue 13", the refinements).
-    ``--code-rounds 0`` is issue 13's first default (MSE scales alone), byte for byte; ``--observer absmax
-    --code-rounds 0`` the default before issue 13."""
-    return SolverConfig(observer="mse", mse_grid=100, mse_max_shrink=0.2, code_rounds=2)
+    llm-compressor's GPTQ, and 20 ratios rather than 80 keep its cost small at DeepSeek-V3 width); three more
+    sweeps with those scales × 0.94, 0.97, 1.03, each row keeping its best; then two rounds of coordinate descent
+    on the codes (solvers/code_descent.py; RESULTS.md "issue 13", refinements after the sweep).
+    ``--scale-candidates none --code-rounds 0`` is issue 13's first default (MSE scales alone), byte for byte;
+    with ``--observer absmax`` too, the default before issue 13."""
+    return SolverConfig(
+        observer="mse", mse_grid=100, mse_max_shrink=0.2, scale_candidates=(0.94, 0.97, 1.03), code_rounds=2
+    )
 
 
 @dataclass(frozen=True)
@@ -297,10 +300,15 @@ def describe(recipe: Recipe) -> str:
 
 
 def _refinements(solver: SolverConfig) -> list[str]:
-    """GPTQ's refinements after the sweep, named when they are not the default's (two rounds of code descent)."""
-    parts = [f"scale candidates ×{len(solver.scale_candidates)}"] if solver.scale_candidates else []
+    """GPTQ's refinements after the sweep, named when they are not the default's (three scale candidates, two
+    rounds of code descent)."""
+    default = default_solver()
+    parts = []
+    if solver.scale_candidates != default.scale_candidates:
+        listed = ",".join(f"{m:g}" for m in solver.scale_candidates)
+        parts.append(f"scale candidates {listed}" if listed else "no scale candidates")
     rounds = solver.code_rounds
-    if rounds != default_solver().code_rounds:
+    if rounds != default.code_rounds:
         parts.append(f"code descent ×{rounds}" if rounds else "no code descent")
     return parts
 

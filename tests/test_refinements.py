@@ -175,3 +175,17 @@ def test_a_bad_scale_candidates_list_is_one_line(tiny_checkpoint: Path, tmp_path
         == "error: --scale-candidates '0.9;1.1': write numbers separated by commas, e.g. 0.94,0.97,1.03"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_candidate_sweep_given_the_zero_points_skips_the_observer_and_changes_nothing() -> None:
+    """Asymmetric grid: sweeping fixed scales with the first sweep's zero points (what the candidates do, to skip
+    the observer's search) gives the codes of the sweep that refits the zero points with the observer."""
+    w, h = random_problem(2, 16, 256, seed=11)
+    cfg = replace(SWEEP_ONLY, scheme=QuantScheme(bits=3, group_size=128, symmetric=False))
+    prep = prepare_hessians(h, cfg)
+    first = gptq_solve_prepared(w, prep, cfg)
+    scale = (first.scale * 0.95).to(torch.bfloat16).float()
+    given = gptq_solve_prepared(w, prep, cfg, scale=scale, zero=first.zero_point.float())
+    refit = gptq_solve_prepared(w, prep, cfg, scale=scale)
+    assert torch.equal(given.q, refit.q) and torch.equal(given.zero_point, refit.zero_point)
+    assert not torch.equal(given.q, first.q)

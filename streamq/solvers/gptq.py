@@ -204,20 +204,23 @@ def _best_rows(
     """One more sweep per multiplier of ``result``'s scales; each row keeps the sweep with the smallest output
     error (w - ŵ) H (w - ŵ)ᵀ. GPTQ's rows are independent given H, so the rows picked are each a complete sweep."""
     target = _target_weights(w, prep)
-    best, best_err = result, _row_errors(target, result, damped)
+    tf32 = options.tf32 and w.is_cuda
+    best, best_err = result, _row_errors(target, result, damped, tf32)
     for multiplier in cfg.scale_candidates:
         scale = (result.scale * multiplier).to(cfg.scheme.scale_torch_dtype).float()
-        other = gptq_solve_prepared(w, prep, cfg, options, scale=scale)
-        err = _row_errors(target, other, damped)
+        zero = None if result.zero_point is None else result.zero_point.float()
+        other = gptq_solve_prepared(w, prep, cfg, options, scale=scale, zero=zero)
+        err = _row_errors(target, other, damped, tf32)
         best = _pick_rows(best, other, err < best_err)
         best_err = torch.minimum(err, best_err)
     return best
 
 
-def _row_errors(target: torch.Tensor, result: QuantResult, h: torch.Tensor) -> torch.Tensor:
-    """[E, out] output error of each row."""
+def _row_errors(target: torch.Tensor, result: QuantResult, h: torch.Tensor, tf32: bool) -> torch.Tensor:
+    """[E, out] output error of each row (one n x n product per matrix: TF32 where the sweep's products are)."""
     d = target - result.weight.float()
-    return (torch.bmm(d, h) * d).sum(-1)
+    with tf32_matmuls(tf32):
+        return (torch.bmm(d, h) * d).sum(-1)
 
 
 def _pick_rows(a: QuantResult, b: QuantResult, take_b: torch.Tensor) -> QuantResult:
@@ -240,11 +243,13 @@ def gptq_solve_prepared(
     cfg: SolverConfig,
     options: SolveOptions | None = None,
     scale: torch.Tensor | None = None,
+    zero: torch.Tensor | None = None,
 ) -> QuantResult:
     """Solve ``w`` ``[E, out, in]`` against Hessians already prepared by ``prepare_hessians`` with the same
     ``cfg``: one factorisation can serve several weight matrices (gate and up, kept apart). ``scale``
     ``[E, out, groups]``: fixed scales to sweep with instead of the observer's (static groups only; an
-    asymmetric grid keeps the observer's zero points).
+    asymmetric grid keeps the observer's zero points, or ``zero`` when given). Fixed scales with a symmetric grid
+    or a given ``zero`` skip the observer, whose search can cost more than the sweep.
 
     No chunking here: the caller holds the whole batch in memory.
     """
@@ -263,7 +268,7 @@ def gptq_solve_prepared(
     dynamic = dynamic_groups(cfg)
     gscale = global_scale(w_in, cfg.scheme)
     importance = prep.diag.to(dtype) if cfg.mse_hessian and prep.diag is not None else None
-    scale, zero, gidx = _grid(w_in, prep.perm, cfg, gscale, scale, importance)
+    scale, zero, gidx = _grid(w_in, prep.perm, cfg, gscale, (scale, zero), importance)
     orig = w_in.clone() if prep.perm is None else w_in.gather(2, prep.perm.unsqueeze(1).expand(experts, out, n))
     del w_in
     sweep = _Sweep(
@@ -301,21 +306,26 @@ def _grid(
     perm: torch.Tensor | None,
     cfg: SolverConfig,
     gscale: torch.Tensor | None,
-    fixed: torch.Tensor | None,
+    fixed_grid: tuple[torch.Tensor | None, torch.Tensor | None],
     importance: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Scale, zero and the group of each solving position: static groups fitted now (or the ``fixed`` scales;
-    ``importance`` [E, in] weighs the MSE observer's error per column), dynamic ones allocated for the sweep."""
+    """Scale, zero and the group of each solving position: static groups fitted now (or the ``fixed_grid``'s
+    scales, and its zero points when given; ``importance`` [E, in] weighs the MSE observer's error per column),
+    dynamic ones allocated for the sweep."""
     experts, out, n = w.shape
     gs = cfg.scheme.group_size
+    fixed, fixed_zero = fixed_grid
     if dynamic_groups(cfg):
         if fixed is not None:
             raise ValueError("fixed scales need static groups (actorder 'weight', or per channel)")
         scale = torch.empty(experts, out, cfg.scheme.num_groups(n), dtype=w.dtype, device=w.device)
         zero = None if cfg.scheme.symmetric else torch.empty_like(scale)
         return scale, zero, _group_of_position(torch.arange(n, device=w.device), gs).expand(experts, n)
-    fitted, zero = static_qparams(w, cfg, gscale, importance)
     natural = torch.arange(n, device=w.device).expand(experts, n) if perm is None else perm
+    if fixed is not None and (cfg.scheme.symmetric or fixed_zero is not None):
+        zero = None if fixed_zero is None else fixed_zero.to(w.dtype)
+        return fixed.to(w.dtype), zero, _group_of_position(natural, gs)
+    fitted, zero = static_qparams(w, cfg, gscale, importance)
     return fitted if fixed is None else fixed.to(fitted.dtype), zero, _group_of_position(natural, gs)
 
 
