@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 from streamq.errors import StreamqError
 from streamq.recipe import RECIPE_NAME, Recipe, default_solver
 from streamq.solvers.code_descent import DescentRun, refine_codes
-from streamq.solvers.gptq import damped_hessians, gptq_quantize, gptq_solve_prepared
+from streamq.solvers.gptq import SolveOptions, damped_hessians, experts_per_chunk, gptq_quantize, gptq_solve_prepared
 from streamq.solvers.hessian import prepare_hessians
 from streamq.solvers.observers import column_params, dequantize, quantize
 from streamq.solvers.rtn import rtn_quantize
@@ -189,3 +189,13 @@ def test_a_candidate_sweep_given_the_zero_points_skips_the_observer_and_changes_
     refit = gptq_solve_prepared(w, prep, cfg, scale=scale)
     assert torch.equal(given.q, refit.q) and torch.equal(given.zero_point, refit.zero_point)
     assert not torch.equal(given.q, first.q)
+
+
+def test_refined_solves_take_smaller_chunks_and_chunking_changes_nothing() -> None:
+    w, h = random_problem(3, 16, 128, seed=12)
+    cfg = replace(default_solver(), scheme=QuantScheme(bits=3, group_size=64))
+    whole = gptq_quantize(w, h, cfg)
+    one_at_a_time = gptq_quantize(w, h, cfg, SolveOptions(memory_budget=1))
+    assert torch.equal(whole.q, one_at_a_time.q) and torch.equal(whole.scale, one_at_a_time.scale)
+    # DeepSeek-V3's tied gate/up in 4 GiB: the refinements' buffers leave room for fewer experts per chunk.
+    assert experts_per_chunk(4096, 7168, 4 << 30, refined=True) < experts_per_chunk(4096, 7168, 4 << 30)

@@ -97,7 +97,8 @@ def gptq_quantize(
     _check_inputs(w3, h3, cfg)
     use_triton = _use_triton(options.backend, w3)
     experts, out, n = w3.shape
-    step = experts_per_chunk(out, n, _memory_budget(options, w3.device), options.factor.form)
+    refined = bool(cfg.code_rounds or cfg.scale_candidates)
+    step = experts_per_chunk(out, n, _memory_budget(options, w3.device), options.factor.form, refined)
     result: QuantResult | None = None
     for lo in range(0, experts, step):
         part = _solve_chunk(w3[lo : lo + step], h3[lo : lo + step], cfg, options, use_triton)
@@ -106,11 +107,15 @@ def gptq_quantize(
     return result if batched else replace(result.entry(0), fallbacks=result.fallbacks)
 
 
-def experts_per_chunk(out: int, n: int, budget: int, form: FactorForm = "cholesky") -> int:
+def experts_per_chunk(out: int, n: int, budget: int, form: FactorForm = "cholesky", refined: bool = False) -> int:
     """How many experts one chunk holds: per expert the n x n float32 factor, its finiteness mask and, for
     the classic form, its inverse; ~5 float32 copies of W (working, original, codes, dequantized, output);
-    plus the transient copies of one Hessian and the Cholesky panels."""
+    plus the transient copies of one Hessian and the Cholesky panels. ``refined`` (scale candidates, code
+    descent): two more n x n float32 matrices (the damped Hessian, the descent's feedback) and ~6 copies of W
+    (a second result, the target, the descent's vertices, values and products)."""
     per_expert = (9 if form == "inverse" else 5) * n * n + 20 * out * n
+    if refined:
+        per_expert += 8 * n * n + 24 * out * n
     transient = 16 * n * n
     return max(1, (budget - transient) // per_expert)
 
