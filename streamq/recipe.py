@@ -215,16 +215,6 @@ class Recipe:
         if any(not (0 < m < 2) or m == 1 for m in candidates):
             listed = ",".join(f"{m:g}" for m in candidates)
             raise StreamqError(f"--scale-candidates {listed}: each must be in (0, 2) and not 1 (the scales as fitted)")
-        if not candidates:
-            return
-        schemes = [self.scheme, *self.plan().quantized().values()]
-        fp4 = next((s.format for s in schemes if s.format != "int"), None)
-        if fp4 is not None:
-            raise StreamqError(
-                f"--scale-candidates multiply integer scales: drop it for --format {fp4} (or its --scheme)"
-            )
-        if any(s.group_size for s in schemes) and self.solver.actorder != "weight":
-            raise StreamqError("--scale-candidates needs scales fixed before the sweep: add --act-order, or drop it")
 
     @property
     def scheme(self) -> QuantScheme:

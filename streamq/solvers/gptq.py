@@ -97,7 +97,7 @@ def gptq_quantize(
     _check_inputs(w3, h3, cfg)
     use_triton = _use_triton(options.backend, w3)
     experts, out, n = w3.shape
-    refined = bool(cfg.code_rounds or cfg.scale_candidates)
+    refined = bool(cfg.code_rounds or (cfg.scale_candidates and candidates_apply(cfg)))
     step = experts_per_chunk(out, n, _memory_budget(options, w3.device), options.factor.form, refined)
     result: QuantResult | None = None
     for lo in range(0, experts, step):
@@ -147,7 +147,7 @@ def _solve_chunk(
     dtype = torch.float32 if use_triton else options.dtype
     prep = prepare_hessians(h, cfg, options.factor, dtype)
     result = gptq_solve_prepared(w, prep, cfg, options)
-    if cfg.scale_candidates:
+    if cfg.scale_candidates and candidates_apply(cfg):
         result = _best_rows(w, damped_hessians(h, prep, cfg), prep, result, cfg, options)
     for _ in range(cfg.scale_rounds):
         # Scales refitted to the output error with these codes, then a new sweep on that grid (scale_refine.py).
@@ -156,6 +156,12 @@ def _solve_chunk(
     if cfg.code_rounds:
         result = _descend_codes(w, damped_hessians(h, prep, cfg), prep, result, cfg, options)
     return result
+
+
+def candidates_apply(cfg: SolverConfig) -> bool:
+    """Scale candidates multiply integer scales fixed before the sweep: other grids (FP4's coded scales) and
+    groups fitted during the sweep are solved without them."""
+    return cfg.scheme.format == "int" and not dynamic_groups(cfg)
 
 
 def damped_hessians(h: torch.Tensor, prep: PreparedHessians, cfg: SolverConfig) -> torch.Tensor:

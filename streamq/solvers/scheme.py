@@ -158,7 +158,7 @@ class SolverConfig:
     # the output error (solvers/code_descent.py); the grid stays as fitted.
     code_rounds: int = 0
     # Multipliers of the observer's group scales, each swept by GPTQ; each output row keeps the sweep whose output
-    # error is smallest (integer grids with static groups). Empty: one sweep with the observer's scales.
+    # error is smallest. Integer grids with static groups only; other solves ignore them. Empty: one sweep.
     scale_candidates: tuple[float, ...] = ()
 
 
