@@ -4,9 +4,10 @@
     PYTHONPATH=$PWD python3 bench/peers.py --work /tmp/peers       # the table in bench/RESULTS.md (~1 h on 2 cores)
     PYTHONPATH=$PWD python3 bench/peers.py --work /tmp/peers --streamq-variants default legacy gptaq --llmc-dtypes
 
-``--streamq-variants`` runs streamq recipes other than its default (``VARIANTS``: the earlier default, the scale
-searches, least-squares scales, a float target, router weighting); ``--llmc-dtypes`` with no value skips
-llm-compressor.
+``--streamq-variants`` runs streamq recipes other than its default (``VARIANTS``: the earlier defaults, the scale
+searches, least-squares scales, a float target, router weighting, damping, code descent, scale candidates);
+``--llmc-dtypes`` with no value skips llm-compressor. ``--eval-offset 128`` scores the next 128 held-out windows
+instead of the reported ones: the split hyper-parameters are chosen on (bench/RESULTS.md, issue 13).
 
 llm-compressor is never installed next to streamq: ``--setup-venv`` creates a virtualenv with the CPU build of
 torch 2.13.0 (installed first, so llm-compressor does not pull a CUDA build) and ``llmcompressor==0.14.0.1``, and
@@ -51,7 +52,7 @@ from streamq.io.packed import dequantize_packed
 from streamq.io.safetensors_stream import CheckpointReader
 from streamq.pipeline import RunOptions, run
 from streamq.recipe import Recipe, default_solver
-from streamq.solvers.scheme import QuantScheme
+from streamq.solvers.scheme import QuantScheme, SolverConfig
 from streamq.tui import Reporter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,19 +88,31 @@ RECIPES = {
 }
 
 
-# streamq recipe variants (``--streamq-variants``): overrides of the recipe's top-level and solver fields.
-# streamq recipe variants (``--streamq-variants``, bench/RESULTS.md "issue 13"): overrides of the default recipe's
-# top-level and solver fields, each spelled out in full so that a later change of the default leaves them alone.
+# streamq recipe variants (``--streamq-variants``, bench/RESULTS.md "issue 13"): "default" is the default recipe;
+# every other one is spelled out in full over SolverConfig()'s fields (min-max scales, no refinement), so that a
+# later change of the default leaves it, and its cached results, alone.
 _MINMAX = {"observer": "minmax"}
 _MSE80 = {"observer": "mse", "mse_grid": 100, "mse_max_shrink": 0.8}  # the MSE observer's own 80 ratios
 _HMSE80 = {**_MSE80, "mse_hessian": True}
+_MSE_FINE = {"observer": "mse", "mse_grid": 100, "mse_max_shrink": 0.2}  # issue 13's first default: 1.00 .. 0.81
 VARIANTS: dict[str, dict[str, dict]] = {
-    "default": {},
+    "default": {},  # default_solver(), whatever it is
     "legacy": {"solver": _MINMAX},  # the default before issue 13
     "mse16": {"solver": {"observer": "mse", "mse_grid": 40, "mse_max_shrink": 0.4}},  # 1.000, 0.975, ... 0.625
     "mse": {"solver": _MSE80},
     "mse20": {"solver": {"observer": "mse", "mse_grid": 20, "mse_max_shrink": 0.8}},
-    "mse-fine": {"solver": {"observer": "mse", "mse_grid": 100, "mse_max_shrink": 0.2}},  # the default: 1.00 .. 0.81
+    "mse-fine": {"solver": _MSE_FINE},
+    "damp001": {"solver": {**_MSE_FINE, "damp": 0.001}},
+    "damp003": {"solver": {**_MSE_FINE, "damp": 0.003}},
+    "damp03": {"solver": {**_MSE_FINE, "damp": 0.03}},
+    "damp1": {"solver": {**_MSE_FINE, "damp": 0.1}},
+    "cd1": {"solver": {**_MSE_FINE, "code_rounds": 1}},
+    "cd2": {"solver": {**_MSE_FINE, "code_rounds": 2}},
+    "cd4": {"solver": {**_MSE_FINE, "code_rounds": 4}},
+    "sc3": {"solver": {**_MSE_FINE, "scale_candidates": (0.94, 0.97, 1.03)}},
+    "sc3-cd2": {"solver": {**_MSE_FINE, "scale_candidates": (0.94, 0.97, 1.03), "code_rounds": 2}},
+    "sc2-cd2": {"solver": {**_MSE_FINE, "scale_candidates": (0.96, 1.04), "code_rounds": 2}},
+    "sc2-cd1": {"solver": {**_MSE_FINE, "scale_candidates": (0.95, 1.03), "code_rounds": 1}},
     "hmse": {"solver": _HMSE80},
     "ls": {"solver": {**_MINMAX, "scale_rounds": 1}},
     "mse-ls": {"solver": {**_MSE80, "scale_rounds": 1}},
@@ -206,12 +219,11 @@ def run_streamq(args: argparse.Namespace, recipe: PeerRecipe, tool: Tool, seed: 
     from safetensors.torch import save_file
 
     overrides = VARIANTS[tool.variant]
+    base = default_solver() if tool.variant == "default" else replace(SolverConfig(), **overrides.get("solver", {}))
     streamq_recipe = Recipe(
         method=recipe.method,
         calibration="all" if recipe.all_experts else "routed",
-        solver=replace(
-            default_solver(), scheme=QuantScheme(bits=recipe.bits, group_size=128), **overrides.get("solver", {})
-        ),
+        solver=replace(base, scheme=QuantScheme(bits=recipe.bits, group_size=128)),
         data=calibration_config(args, seed),
         **overrides.get("recipe", {}),
     )
@@ -396,6 +408,12 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-samples", type=int, default=128)
+    parser.add_argument(
+        "--eval-offset",
+        type=int,
+        default=0,
+        help="score held-out windows [offset, offset + eval-samples): a tuning split apart from the reported one",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -411,8 +429,7 @@ def main() -> None:
         venv_python(args.venv)
     check_calibration_ids(args)
 
-    eval_cfg = DataConfig(source=str(args.text), num_samples=args.eval_samples, seq_len=args.seq_len, split="eval")
-    scorer = Scorer(args.work / "source-hf", load_token_batches(eval_cfg, args.model), batch=16)
+    scorer = Scorer(args.work / "source-hf", eval_windows(args), batch=16)
     identity = metrics(scorer.score(load_experts_from_source(args.model)))
     if identity["kl"] > 1e-9:
         raise SystemExit(f"scorer check failed: the source's own experts give KL {identity['kl']:.3g}")
@@ -434,6 +451,17 @@ def main() -> None:
     print_table(rows, tokens, identity["source_perplexity"])
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def eval_windows(args: argparse.Namespace) -> torch.Tensor:
+    """The held-out windows scored: the first ``--eval-samples`` of the evaluation split (the reported numbers), or
+    with ``--eval-offset`` the next ones, never seen by the reported table, for choosing hyper-parameters."""
+    total = args.eval_offset + args.eval_samples
+    cfg = DataConfig(source=str(args.text), num_samples=total, seq_len=args.seq_len, split="eval")
+    windows = load_token_batches(cfg, args.model)
+    if len(torch.unique(windows, dim=0)) < total:
+        raise SystemExit(f"the evaluation split has fewer than {total} windows of {args.seq_len} tokens")
+    return windows[args.eval_offset :]
 
 
 def load_experts_from_source(model: Path) -> dict[str, torch.Tensor]:

@@ -120,6 +120,15 @@ def run(
     scale_rounds: Annotated[
         int | None, typer.Option(help="Rounds of least-squares group scales + a new GPTQ sweep (0 = off).")
     ] = None,
+    code_rounds: Annotated[
+        int | None, typer.Option(help="Rounds of coordinate descent on the codes after the GPTQ sweep (default 2).")
+    ] = None,
+    scale_candidates: Annotated[
+        str | None,
+        typer.Option(
+            help="Multipliers of the group scales (default 0.94,0.97,1.03; none): a sweep each, best per row."
+        ),
+    ] = None,
     target: Annotated[
         str | None, typer.Option(help="float: experts match the unquantized model's output (GPTAQ); layer: GPTQ.")
     ] = None,
@@ -217,10 +226,25 @@ def _recipe_from_options(p: dict[str, Any]) -> Recipe:
             mse_hessian=None if observer is None else observer == "mse-hessian",
             damp=p["damp"],
             scale_rounds=p["scale_rounds"],
+            code_rounds=p["code_rounds"],
+            scale_candidates=_multipliers(p["scale_candidates"]),
         ),
         top={k: p[k] for k in _RECIPE_OPTIONS},
         schemes=_scheme_options(p["scheme"] or []),
     )
+
+
+def _multipliers(text: str | None) -> tuple[float, ...] | None:
+    """``--scale-candidates`` as floats; "none" (or an empty value) for none; the recipe checks their range."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        fix = "write numbers separated by commas, e.g. 0.94,0.97,1.03"
+        raise StreamqError(f"--scale-candidates {text!r}: {fix}") from None
 
 
 def _scheme_options(values: list[str]) -> list[tuple[str, str]]:

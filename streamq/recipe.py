@@ -91,12 +91,21 @@ class Plan:
         return out
 
 
+# Solver fields written to the recipe only when set (see Recipe.to_dict).
+_SOLVER_OPTIONAL = ("code_rounds", "scale_candidates")
+
+
 def default_solver() -> SolverConfig:
     """The default recipe's solver: GPTQ with MSE-searched group scales over 20 clipping ratios 1.00, 0.99, ...
     0.81 (llm-compressor's MSE observer range; bench/RESULTS.md "issue 13": the direction that paid against
-    llm-compressor's GPTQ, and 20 ratios rather than 80 keep its cost small at DeepSeek-V3 width).
-    ``--observer absmax`` is the earlier default, byte for byte."""
-    return SolverConfig(observer="mse", mse_grid=100, mse_max_shrink=0.2)
+    llm-compressor's GPTQ, and 20 ratios rather than 80 keep its cost small at DeepSeek-V3 width); three more
+    sweeps with those scales × 0.94, 0.97, 1.03, each row keeping its best; then two rounds of coordinate descent
+    on the codes (solvers/code_descent.py; RESULTS.md "issue 13", refinements after the sweep).
+    ``--scale-candidates none --code-rounds 0`` is issue 13's first default (MSE scales alone), byte for byte;
+    with ``--observer absmax`` too, the default before issue 13."""
+    return SolverConfig(
+        observer="mse", mse_grid=100, mse_max_shrink=0.2, scale_candidates=(0.94, 0.97, 1.03), code_rounds=2
+    )
 
 
 @dataclass(frozen=True)
@@ -147,6 +156,7 @@ class Recipe:
         if not 0 <= self.solver.damp < 1:
             raise StreamqError(f"--damp must be in [0, 1), not {self.solver.damp}")
         self._check_scale_rounds()
+        self._check_refinements()
         if self.method == "awq":
             _check_awq(self.plan())
 
@@ -198,6 +208,14 @@ class Recipe:
         if rounds and any(s.group_size for s in schemes) and self.solver.actorder != "weight":
             raise StreamqError("--scale-rounds needs scales fixed before the sweep: --act-order, or --scale-rounds 0")
 
+    def _check_refinements(self) -> None:
+        rounds, candidates = self.solver.code_rounds, self.solver.scale_candidates
+        if rounds < 0:
+            raise StreamqError(f"--code-rounds must be >= 0, not {rounds}")
+        if any(not (0 < m < 2) or m == 1 for m in candidates):
+            listed = ",".join(f"{m:g}" for m in candidates)
+            raise StreamqError(f"--scale-candidates {listed}: each must be in (0, 2) and not 1 (the scales as fitted)")
+
     @property
     def scheme(self) -> QuantScheme:
         return self.solver.scheme
@@ -209,12 +227,16 @@ class Recipe:
             d["schemes"] = dict(self.schemes)
         if self.source_experts == "requantize":
             del d["source_experts"]
+        for name in _SOLVER_OPTIONAL:  # off: not serialised, so recipes from before these options keep their digest
+            if not d["solver"][name]:
+                del d["solver"][name]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
         solver = dict(d["solver"])
         solver["scheme"] = QuantScheme(**solver["scheme"])
+        solver["scale_candidates"] = tuple(solver.get("scale_candidates", ()))
         schemes = tuple(dict(d.get("schemes") or {}).items())
         return cls(**{**d, "solver": SolverConfig(**solver), "data": DataConfig(**d["data"]), "schemes": schemes})
 
@@ -248,6 +270,8 @@ def describe(recipe: Recipe) -> str:
         parts.append("Hessian-weighted MSE scales" if solver.mse_hessian and recipe.method == "gptq" else "MSE scales")
     if solver.scale_rounds and recipe.method == "gptq":
         parts.append(f"least-squares scales ×{solver.scale_rounds}")
+    if recipe.method == "gptq":
+        parts += _refinements(solver)
     if not recipe.schemes:
         parts.append("routed experts" if recipe.scope == "experts" else "all Linears")
         if recipe.source_experts == "keep":
@@ -263,6 +287,20 @@ def describe(recipe: Recipe) -> str:
     source = "" if data.source == "builtin" else f" of {data.source}"
     parts.append(f"{data.num_samples}×{data.seq_len} tokens{source}")
     return ", ".join(p for p in parts if p)
+
+
+def _refinements(solver: SolverConfig) -> list[str]:
+    """GPTQ's refinements after the sweep, named when they are not the default's (three scale candidates, two
+    rounds of code descent)."""
+    default = default_solver()
+    parts = []
+    if solver.scale_candidates != default.scale_candidates:
+        listed = ",".join(f"{m:g}" for m in solver.scale_candidates)
+        parts.append(f"scale candidates {listed}" if listed else "no scale candidates")
+    rounds = solver.code_rounds
+    if rounds != default.code_rounds:
+        parts.append(f"code descent ×{rounds}" if rounds else "no code descent")
+    return parts
 
 
 def _label(scheme: GroupScheme) -> str:

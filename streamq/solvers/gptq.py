@@ -34,6 +34,7 @@ import torch
 from streamq.kernels.gptq_block import gptq_block
 from streamq.solvers import fallbacks as fb
 from streamq.solvers.cholesky import tf32_matmuls
+from streamq.solvers.code_descent import DescentRun, refine_codes
 from streamq.solvers.hessian import FactorForm, FactorOptions, PreparedHessians, prepare_hessians
 from streamq.solvers.observers import fit_qparams, global_scale
 from streamq.solvers.rtn import make_result, static_qparams
@@ -96,7 +97,8 @@ def gptq_quantize(
     _check_inputs(w3, h3, cfg)
     use_triton = _use_triton(options.backend, w3)
     experts, out, n = w3.shape
-    step = experts_per_chunk(out, n, _memory_budget(options, w3.device), options.factor.form)
+    refined = bool(cfg.code_rounds or (cfg.scale_candidates and candidates_apply(cfg)))
+    step = experts_per_chunk(out, n, _memory_budget(options, w3.device), options.factor.form, refined)
     result: QuantResult | None = None
     for lo in range(0, experts, step):
         part = _solve_chunk(w3[lo : lo + step], h3[lo : lo + step], cfg, options, use_triton)
@@ -105,11 +107,15 @@ def gptq_quantize(
     return result if batched else replace(result.entry(0), fallbacks=result.fallbacks)
 
 
-def experts_per_chunk(out: int, n: int, budget: int, form: FactorForm = "cholesky") -> int:
+def experts_per_chunk(out: int, n: int, budget: int, form: FactorForm = "cholesky", refined: bool = False) -> int:
     """How many experts one chunk holds: per expert the n x n float32 factor, its finiteness mask and, for
     the classic form, its inverse; ~5 float32 copies of W (working, original, codes, dequantized, output);
-    plus the transient copies of one Hessian and the Cholesky panels."""
+    plus the transient copies of one Hessian and the Cholesky panels. ``refined`` (scale candidates, code
+    descent): two more n x n float32 matrices (the damped Hessian, the descent's feedback) and ~6 copies of W
+    (a second result, the target, the descent's vertices, values and products)."""
     per_expert = (9 if form == "inverse" else 5) * n * n + 20 * out * n
+    if refined:
+        per_expert += 8 * n * n + 24 * out * n
     transient = 16 * n * n
     return max(1, (budget - transient) // per_expert)
 
@@ -141,11 +147,105 @@ def _solve_chunk(
     dtype = torch.float32 if use_triton else options.dtype
     prep = prepare_hessians(h, cfg, options.factor, dtype)
     result = gptq_solve_prepared(w, prep, cfg, options)
+    if cfg.scale_candidates and candidates_apply(cfg):
+        result = _best_rows(w, damped_hessians(h, prep, cfg), prep, result, cfg, options)
     for _ in range(cfg.scale_rounds):
         # Scales refitted to the output error with these codes, then a new sweep on that grid (scale_refine.py).
         scale = refine_scales(w, h, result.q, result.scale, result.zero_point, cfg)
         result = gptq_solve_prepared(w, prep, cfg, options, scale=scale)
+    if cfg.code_rounds:
+        result = _descend_codes(w, damped_hessians(h, prep, cfg), prep, result, cfg, options)
     return result
+
+
+def candidates_apply(cfg: SolverConfig) -> bool:
+    """Scale candidates multiply integer scales fixed before the sweep: other grids (FP4's coded scales) and
+    groups fitted during the sweep are solved without them."""
+    return cfg.scheme.format == "int" and not dynamic_groups(cfg)
+
+
+def damped_hessians(h: torch.Tensor, prep: PreparedHessians, cfg: SolverConfig) -> torch.Tensor:
+    """The Hessians the sweep solved with, in natural order and float32: damped alike, dead columns at 1 (their
+    weights are zeroed), the identity for matrices solved as RTN. What the refinements after the sweep minimise."""
+    diag = prep.diag.to(torch.float32)
+    damped = h.float().clone()
+    damped.diagonal(dim1=-2, dim2=-1).copy_(diag + cfg.damp * diag.mean(1, keepdim=True))
+    damped = torch.where(prep.dead.unsqueeze(1) | prep.dead.unsqueeze(2), 0.0, damped)
+    damped.diagonal(dim1=-2, dim2=-1).copy_(torch.where(prep.dead, 1.0, damped.diagonal(dim1=-2, dim2=-1)))
+    eye = torch.eye(h.shape[-1], dtype=torch.float32, device=h.device)
+    return torch.where(prep.use_rtn.view(-1, 1, 1), eye, damped)
+
+
+def _target_weights(w: torch.Tensor, prep: PreparedHessians) -> torch.Tensor:
+    """``w`` in float32 as the sweep read it: NaN/Inf and dead columns at 0."""
+    return fb.zero_nonfinite(w.float(), Counter()).masked_fill(prep.dead.unsqueeze(1), 0.0)
+
+
+def _descend_codes(
+    w: torch.Tensor,
+    damped: torch.Tensor,
+    prep: PreparedHessians,
+    result: QuantResult,
+    cfg: SolverConfig,
+    options: SolveOptions,
+) -> QuantResult:
+    """``cfg.code_rounds`` rounds of coordinate descent on the sweep's codes (code_descent.py) against ``damped``
+    (an identity Hessian, for matrices solved as RTN, leaves their codes as they are), run by the sweep's kernel
+    with its panels (scales are fixed, so static-group panels)."""
+    use_triton = _use_triton(options.backend, w)
+    run = DescentRun(panel_widths(replace(cfg, actorder="weight"), options), use_triton, options.sweep_rows)
+    zero = None if result.zero_point is None else result.zero_point.float()
+    with tf32_matmuls(options.tf32 and w.is_cuda):
+        codes, weight = refine_codes(
+            _target_weights(w, prep), damped, result.q, result.scale, zero, result.g_idx, cfg.scheme,
+            cfg.code_rounds, run,
+        )  # fmt: skip
+    fallbacks = Counter(result.fallbacks)
+    return make_result(codes, result.scale, zero, result.g_idx, cfg, w.dtype, fallbacks, weight, result.global_scale)
+
+
+def _best_rows(
+    w: torch.Tensor,
+    damped: torch.Tensor,
+    prep: PreparedHessians,
+    result: QuantResult,
+    cfg: SolverConfig,
+    options: SolveOptions,
+) -> QuantResult:
+    """One more sweep per multiplier of ``result``'s scales; each row keeps the sweep with the smallest output
+    error (w - ŵ) H (w - ŵ)ᵀ. GPTQ's rows are independent given H, so the rows picked are each a complete sweep."""
+    target = _target_weights(w, prep)
+    tf32 = options.tf32 and w.is_cuda
+    best, best_err = result, _row_errors(target, result, damped, tf32)
+    for multiplier in cfg.scale_candidates:
+        scale = (result.scale * multiplier).to(cfg.scheme.scale_torch_dtype).float()
+        zero = None if result.zero_point is None else result.zero_point.float()
+        other = gptq_solve_prepared(w, prep, cfg, options, scale=scale, zero=zero)
+        err = _row_errors(target, other, damped, tf32)
+        best = _pick_rows(best, other, err < best_err)
+        best_err = torch.minimum(err, best_err)
+    return best
+
+
+def _row_errors(target: torch.Tensor, result: QuantResult, h: torch.Tensor, tf32: bool) -> torch.Tensor:
+    """[E, out] output error of each row (one n x n product per matrix: TF32 where the sweep's products are)."""
+    d = target - result.weight.float()
+    with tf32_matmuls(tf32):
+        return (torch.bmm(d, h) * d).sum(-1)
+
+
+def _pick_rows(a: QuantResult, b: QuantResult, take_b: torch.Tensor) -> QuantResult:
+    """Rows of ``b`` where ``take_b`` [E, out], of ``a`` elsewhere (one grid's scales, so g_idx is shared)."""
+    rows = take_b.unsqueeze(-1)
+    zero = None if a.zero_point is None else torch.where(rows, b.zero_point, a.zero_point)
+    return replace(
+        a,
+        q=torch.where(rows, b.q, a.q),
+        scale=torch.where(rows, b.scale, a.scale),
+        zero_point=zero,
+        weight=torch.where(rows, b.weight, a.weight),
+        fallbacks=dict(Counter(a.fallbacks) | Counter(b.fallbacks)),
+    )
 
 
 def gptq_solve_prepared(
@@ -154,11 +254,13 @@ def gptq_solve_prepared(
     cfg: SolverConfig,
     options: SolveOptions | None = None,
     scale: torch.Tensor | None = None,
+    zero: torch.Tensor | None = None,
 ) -> QuantResult:
     """Solve ``w`` ``[E, out, in]`` against Hessians already prepared by ``prepare_hessians`` with the same
     ``cfg``: one factorisation can serve several weight matrices (gate and up, kept apart). ``scale``
     ``[E, out, groups]``: fixed scales to sweep with instead of the observer's (static groups only; an
-    asymmetric grid keeps the observer's zero points).
+    asymmetric grid keeps the observer's zero points, or ``zero`` when given). Fixed scales with a symmetric grid
+    or a given ``zero`` skip the observer, whose search can cost more than the sweep.
 
     No chunking here: the caller holds the whole batch in memory.
     """
@@ -177,7 +279,7 @@ def gptq_solve_prepared(
     dynamic = dynamic_groups(cfg)
     gscale = global_scale(w_in, cfg.scheme)
     importance = prep.diag.to(dtype) if cfg.mse_hessian and prep.diag is not None else None
-    scale, zero, gidx = _grid(w_in, prep.perm, cfg, gscale, scale, importance)
+    scale, zero, gidx = _grid(w_in, prep.perm, cfg, gscale, (scale, zero), importance)
     orig = w_in.clone() if prep.perm is None else w_in.gather(2, prep.perm.unsqueeze(1).expand(experts, out, n))
     del w_in
     sweep = _Sweep(
@@ -215,21 +317,26 @@ def _grid(
     perm: torch.Tensor | None,
     cfg: SolverConfig,
     gscale: torch.Tensor | None,
-    fixed: torch.Tensor | None,
+    fixed_grid: tuple[torch.Tensor | None, torch.Tensor | None],
     importance: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Scale, zero and the group of each solving position: static groups fitted now (or the ``fixed`` scales;
-    ``importance`` [E, in] weighs the MSE observer's error per column), dynamic ones allocated for the sweep."""
+    """Scale, zero and the group of each solving position: static groups fitted now (or the ``fixed_grid``'s
+    scales, and its zero points when given; ``importance`` [E, in] weighs the MSE observer's error per column),
+    dynamic ones allocated for the sweep."""
     experts, out, n = w.shape
     gs = cfg.scheme.group_size
+    fixed, fixed_zero = fixed_grid
     if dynamic_groups(cfg):
         if fixed is not None:
             raise ValueError("fixed scales need static groups (actorder 'weight', or per channel)")
         scale = torch.empty(experts, out, cfg.scheme.num_groups(n), dtype=w.dtype, device=w.device)
         zero = None if cfg.scheme.symmetric else torch.empty_like(scale)
         return scale, zero, _group_of_position(torch.arange(n, device=w.device), gs).expand(experts, n)
-    fitted, zero = static_qparams(w, cfg, gscale, importance)
     natural = torch.arange(n, device=w.device).expand(experts, n) if perm is None else perm
+    if fixed is not None and (cfg.scheme.symmetric or fixed_zero is not None):
+        zero = None if fixed_zero is None else fixed_zero.to(w.dtype)
+        return fixed.to(w.dtype), zero, _group_of_position(natural, gs)
+    fitted, zero = static_qparams(w, cfg, gscale, importance)
     return fitted if fixed is None else fixed.to(fitted.dtype), zero, _group_of_position(natural, gs)
 
 

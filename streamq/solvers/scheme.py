@@ -154,6 +154,12 @@ class SolverConfig:
     # Rounds of (least-squares scales against the output error for the codes found, then a new GPTQ sweep with
     # them); integer grids with static groups only (see solvers/scale_refine.py).
     scale_rounds: int = 0
+    # Rounds of coordinate descent on the codes after the sweep, each column re-rounded given all others against
+    # the output error (solvers/code_descent.py); the grid stays as fitted.
+    code_rounds: int = 0
+    # Multipliers of the observer's group scales, each swept by GPTQ; each output row keeps the sweep whose output
+    # error is smallest. Integer grids with static groups only; other solves ignore them. Empty: one sweep.
+    scale_candidates: tuple[float, ...] = ()
 
 
 @dataclass

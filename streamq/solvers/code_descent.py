@@ -1,0 +1,118 @@
+"""Coordinate descent on GPTQ's codes: each column re-rounded given all the others, against the output error.
+
+GPTQ decides every column once, in order, and never revisits it when later columns move. With the grid (scales,
+zero points) fixed, the row's output error f(ŵ) = (w - ŵ)ᵀ H (w - ŵ) is, along one coordinate j, the parabola
+f(ŵ + Δ e_j) = f(ŵ) - 2Δ g_j + Δ² H_jj with g = H (w - ŵ); its minimum over the grid is the grid value nearest
+the vertex ŵ_j + g_j / H_jj (a parabola is symmetric about its vertex, so this holds for the non-uniform FP4 grid
+too). Visiting every column so is one round; f never increases. This is the greedy coordinate descent of CDQuant
+(Nair and Suggala, 2024, arXiv:2406.17542), applied after GPTQ as its refinement, written from that formula.
+
+One round is GPTQ's own column sweep (``streamq.kernels.gptq_block``, Triton on CUDA) in its Cholesky form:
+with ``work`` the vertices at the start of the round, ``orig`` the current dequantized weights and the feedback
+M[i, j] = H_ij / H_jj (i < j), the sweep's recurrence v_j = work_j + Σ_{i<j} d_i M[i, j], d_i = orig_i - deq_i
+moves each vertex by exactly the change of g that the earlier columns' new values cause. Panels pass the
+feedback on as the sweep does, so most of the work is batched matrix products. Between rounds g is recomputed
+from scratch; rows are independent, so every step is batched over rows and experts.
+
+H is the Hessian GPTQ solved with (damped alike, natural column order), so the refinement minimises the sweep's
+objective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from streamq.kernels.gptq_block import gptq_block
+from streamq.solvers.observers import column_params, dequantize
+from streamq.solvers.scheme import QuantScheme
+
+
+@dataclass(frozen=True)
+class DescentRun:
+    """How the rounds run (not what they compute): the sweep's panel widths, outermost first, the last one the
+    kernel's leaf; the kernel or its torch reference; rows per Triton program."""
+
+    widths: tuple[int, ...] = (1024, 128, 32)
+    use_triton: bool = False
+    block_r: int = 64
+
+
+def refine_codes(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    g_idx: torch.Tensor | None,
+    scheme: QuantScheme,
+    rounds: int,
+    run: DescentRun | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rounds`` rounds of coordinate descent; returns the new int8 codes and dequantized weights (float32),
+    both ``[E, out, in]``.
+
+    ``w`` [E, out, in] target weights, ``h`` [E, in, in] (positive diagonal), ``codes`` the int8 codes in natural
+    order (multiples of the grid's unit), ``scale`` / ``zero`` [E, out, groups], ``g_idx`` [E, in] or None."""
+    run = run or DescentRun()
+    experts, _, n = w.shape
+    h, w = h.float(), w.float()
+    gs = scheme.group_size
+    deq = dequantize(
+        codes.float() * scheme.grid.unit,
+        column_params(scale.float(), gs, g_idx, n),
+        None if zero is None else column_params(zero.float(), gs, g_idx, n),
+    )
+    diag = h.diagonal(dim1=-2, dim2=-1).unsqueeze(1)  # [E, 1, n]
+    feedback = torch.triu(h, diagonal=1) / diag  # M[i, j] = H_ij / H_jj
+    gidx = _column_groups(g_idx, gs, experts, n, w.device)
+    codes = codes.clone()
+    for _ in range(rounds):
+        work = deq + torch.bmm(w - deq, h) / diag  # each column's vertex given all the others
+        orig = deq
+        _sweep_panel(work, orig, feedback, scale.float(), zero, gidx, codes, scheme, run, 0, n, 0)
+        deq = work  # the sweep left the new dequantized weights in ``work`` (and d in ``orig``)
+    return codes, deq
+
+
+def _sweep_panel(
+    work: torch.Tensor,
+    orig: torch.Tensor,
+    feedback: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    gidx: torch.Tensor,
+    codes: torch.Tensor,
+    scheme: QuantScheme,
+    run: DescentRun,
+    lo: int,
+    hi: int,
+    level: int,
+) -> None:
+    """Columns [lo, hi) in sub-panels of ``run.widths[level]``, each passing its changes to the rest at once."""
+    width = run.widths[level]
+    for a in range(lo, hi, width):
+        b = min(a + width, hi)
+        if level + 1 == len(run.widths):
+            z = None if zero is None else zero.float()
+            grid = scheme.grid
+            gptq_block(
+                work[:, :, a:b], orig[:, :, a:b], feedback[:, a:b, a:b], scale, z, gidx[:, a:b], codes[:, :, a:b],
+                grid, babai=True, use_triton=run.use_triton, block_r=run.block_r,
+            )  # fmt: skip
+        else:
+            _sweep_panel(work, orig, feedback, scale, zero, gidx, codes, scheme, run, a, b, level + 1)
+        if b < hi:
+            work[:, :, b:hi].baddbmm_(orig[:, :, a:b], feedback[:, a:b, b:hi])
+
+
+def _column_groups(
+    g_idx: torch.Tensor | None, group_size: int, experts: int, n: int, device: torch.device
+) -> torch.Tensor:
+    """int32 [E, n]: the scale group of each column (natural groups unless ``g_idx`` says otherwise)."""
+    if g_idx is not None:
+        return g_idx.to(torch.int32)
+    columns = torch.arange(n, device=device)
+    groups = torch.zeros_like(columns) if group_size == 0 else columns // group_size
+    return groups.to(torch.int32).expand(experts, n)
