@@ -78,6 +78,7 @@ def main() -> None:
         default=None,
         help="cap what the run may allocate on the GPU (one process), e.g. 79.6 for an 80 GB card",
     )
+    parser.add_argument("--smaps", action="store_true", help="record each process's largest mappings at the peak")
     parser.add_argument("--extra", default="", help="more `streamq run` options, e.g. '--target layer'")
     args = parser.parse_args()
 
@@ -144,7 +145,7 @@ def measure(args: argparse.Namespace, model: Path, gpus: int) -> dict:
     ]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    peak = PeakRss(proc.pid)
+    peak = PeakRss(proc.pid, mappings=args.smaps)
     if proc.wait():
         raise SystemExit(f"streamq run failed with exit status {proc.returncode}")
     seconds = time.perf_counter() - start
@@ -159,6 +160,7 @@ def measure(args: argparse.Namespace, model: Path, gpus: int) -> dict:
         "peak_rss_gib": peak.stop() / 2**30,
         "peak_pss_gib": peak.peak_pss / 2**30,
         "rss_at_peak": peak.at_peak,
+        "largest_mappings_at_peak": {str(k): v for k, v in peak.top_mappings.items()},
         "memory_plan": report.get("memory_plan"),
         "blocks": blocks,
         "extrapolation": extrapolate(blocks, args.samples * args.seq_len),
@@ -181,9 +183,11 @@ class PeakRss:
     process's share at that moment (anonymous, file-backed, shared memory) and the peak of the summed PSS, which
     counts a page shared by several processes (the CUDA libraries' code, say) once instead of once per process."""
 
-    def __init__(self, root: int, every: float = 0.2) -> None:
+    def __init__(self, root: int, every: float = 0.2, mappings: bool = False) -> None:
         self.root, self.every, self.peak, self.peak_pss = root, every, 0, 0
         self.at_peak: list[dict[str, int]] = []
+        self.mappings = mappings  # also the largest mappings of each large process at the peak (/proc/PID/smaps)
+        self.top_mappings: dict[int, list[tuple[int, str]]] = {}
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
@@ -199,6 +203,8 @@ class PeakRss:
             total = sum(p["rss"] for p in parts)
             if total > self.peak:
                 self.peak, self.at_peak = total, parts
+                if self.mappings:
+                    self.top_mappings = {p["pid"]: _largest_mappings(p["pid"]) for p in parts if p["rss"] > 2**30}
             self.peak_pss = max(self.peak_pss, sum(p["pss"] for p in parts))
 
 
@@ -217,6 +223,22 @@ def _tree(root: int) -> list[int]:
         tree.append(pid)
         todo.extend(children.get(pid, []))
     return tree
+
+
+def _largest_mappings(pid: int, count: int = 12) -> list[tuple[int, str]]:
+    """The ``count`` mappings of ``pid`` with the most resident bytes, as (bytes, what is mapped)."""
+    sizes: dict[str, int] = {}
+    name = "?"
+    try:
+        for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+            fields = line.split()
+            if fields and "-" in fields[0] and len(fields) >= 5:
+                name = fields[5] if len(fields) > 5 else "[anon]"
+            elif line.startswith("Rss:"):
+                sizes[name] = sizes.get(name, 0) + int(fields[1]) * 1024
+    except OSError:
+        return []
+    return sorted(((v, k) for k, v in sizes.items()), reverse=True)[:count]
 
 
 _STATUS = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file", "RssShmem:": "shmem"}
@@ -302,6 +324,8 @@ def print_table(run: dict, gpus: int, tokens: int, device: str, floor: dict[str,
     for part in run["rss_at_peak"]:
         gib = {k: f"{v / 2**30:.2f}" for k, v in part.items() if k != "pid"}
         print(f"  pid {part['pid']} at the peak, GiB: {gib}")
+    for pid, top in run.get("largest_mappings_at_peak", {}).items():
+        print(f"  pid {pid}'s largest mappings: " + ", ".join(f"{n} {b / 2**20:.0f} MiB" for b, n in top))
     print("seconds per stage, the floor for one GPU in brackets")
     if run.get("memory_plan"):
         plan = run["memory_plan"]
