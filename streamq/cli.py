@@ -121,12 +121,13 @@ def run(
         int | None, typer.Option(help="Rounds of least-squares group scales + a new GPTQ sweep (0 = off).")
     ] = None,
     code_rounds: Annotated[
-        int | None, typer.Option(help="Rounds of coordinate descent on the codes after the GPTQ sweep (default 2).")
+        int | None,
+        typer.Option(help="Rounds of coordinate descent on the codes after the GPTQ sweep (default 0; 2 refines)."),
     ] = None,
     scale_candidates: Annotated[
         str | None,
         typer.Option(
-            help="Multipliers of the group scales (default 0.94,0.97,1.03; none): a sweep each, best per row."
+            help="Multipliers of the group scales (default none; 0.94,0.97,1.03 refines): a sweep each, best per row."
         ),
     ] = None,
     target: Annotated[

@@ -98,14 +98,16 @@ _SOLVER_OPTIONAL = ("code_rounds", "scale_candidates")
 def default_solver() -> SolverConfig:
     """The default recipe's solver: GPTQ with MSE-searched group scales over 20 clipping ratios 1.00, 0.99, ...
     0.81 (llm-compressor's MSE observer range; bench/RESULTS.md "issue 13": the direction that paid against
-    llm-compressor's GPTQ, and 20 ratios rather than 80 keep its cost small at DeepSeek-V3 width); three more
-    sweeps with those scales × 0.94, 0.97, 1.03, each row keeping its best; then two rounds of coordinate descent
-    on the codes (solvers/code_descent.py; RESULTS.md "issue 13", refinements after the sweep).
-    ``--scale-candidates none --code-rounds 0`` is issue 13's first default (MSE scales alone), byte for byte;
-    with ``--observer absmax`` too, the default before issue 13."""
-    return SolverConfig(
-        observer="mse", mse_grid=100, mse_max_shrink=0.2, scale_candidates=(0.94, 0.97, 1.03), code_rounds=2
-    )
+    llm-compressor's GPTQ, and 20 ratios rather than 80 keep its cost small at DeepSeek-V3 width).
+    ``--observer absmax`` is the earlier default, byte for byte. The refinements after the sweep
+    (``--scale-candidates 0.94,0.97,1.03 --code-rounds 2``: lower KL at W4 and W3 on the trained fixture) are not
+    in the default: they cost 9 s per MoE block at DeepSeek-V3 width on an H200 (measured), which would take a
+    one-GPU run past issue 11's 45 s per block at 2 M calibration tokens."""
+    return SolverConfig(observer="mse", mse_grid=100, mse_max_shrink=0.2)
+
+
+# The refinements after the sweep that measured best on the trained fixture (bench/RESULTS.md, issue 13).
+REFINED = {"scale_candidates": (0.94, 0.97, 1.03), "code_rounds": 2}
 
 
 @dataclass(frozen=True)

@@ -234,3 +234,38 @@ def test_reading_every_block_keeps_rss_bounded(tmp_path: Path) -> None:
     # The discriminating check: reading everything must not grow the peak by more than ~2 blocks. Without
     # releasing mapped pages it would grow by the whole checkpoint.
     assert stats["peak"] - stats["base"] < 2 * block + 32 * 2**20, stats
+
+
+# The peak from this process's own high-water mark (VmHWM): ru_maxrss would carry the parent's over exec.
+READ_RSS = """
+import sys
+from pathlib import Path
+import torch
+import streamq.io.safetensors_stream as stream
+def peak():
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+path, pieces = Path(sys.argv[1]), sys.argv[2]
+if pieces == "one":
+    stream.READ_PIECE = 1 << 40
+(info,) = stream.read_header(path).values()
+mapped = stream._MappedFile(path)
+before = peak()
+tensor = mapped.read(info)
+print(peak() - before, tensor.nbytes)
+"""
+
+
+@pytest.mark.parametrize(("pieces", "bound"), [("default", (1.0, 1.4)), ("one", (1.7, 2.3))])
+def test_a_large_tensor_is_read_holding_one_piece_of_the_file(tmp_path: Path, pieces: str, bound: tuple) -> None:
+    """A 2 GB embedding read through the map must cost its own bytes, not twice them: each 64 MiB piece's pages are
+    dropped once copied. Read in one piece (the old way) the file's pages and the copy coexist: the measurement
+    tells the two apart."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "big.safetensors"
+    save_file({"embed": torch.ones(384 << 20, dtype=torch.uint8).view(torch.bfloat16)}, str(path))  # 384 MiB
+    done = subprocess.run([sys.executable, "-c", READ_RSS, str(path), pieces], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    grown, size = map(int, done.stdout.split())
+    assert bound[0] * size < grown < bound[1] * size, (grown, size)

@@ -21,7 +21,7 @@ from streamq.io.safetensors_stream import CheckpointReader
 from streamq.model.deepseek import load_block, rope_cos_sin
 from streamq.passes import PassPlan
 from streamq.pipeline import RunOptions, run
-from streamq.recipe import Recipe, default_solver
+from streamq.recipe import REFINED, Recipe, default_solver
 from streamq.report import REPORT_NAME
 from streamq.resume import MANIFEST_NAME
 from streamq.solvers.gptaq import asymmetric_target
@@ -289,18 +289,17 @@ def output_files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name not in timing}
 
 
-def test_the_default_recipe_refines_gptq_and_flags_give_the_earlier_defaults() -> None:
+def test_the_default_recipe_searches_scales_refines_only_when_asked_and_absmax_is_the_earlier_default() -> None:
     default = Recipe()
     assert (default.solver.observer, default.solver.mse_grid, default.solver.mse_max_shrink) == ("mse", 100, 0.2)
-    assert (default.solver.code_rounds, default.solver.scale_candidates) == (2, (0.94, 0.97, 1.03))
+    assert (default.solver.code_rounds, default.solver.scale_candidates) == (0, ())
+    assert not {"code_rounds", "scale_candidates"} & set(default.to_dict()["solver"])  # digests as before
     assert (default.target, default.router_weighted, default.solver.scale_rounds) == ("layer", False, 0)
     from streamq.cli import build_recipe
 
-    # --scale-candidates none --code-rounds 0: issue 13's first default (MSE scales alone), with its recipe file.
-    off = {"code_rounds": 0, "scale_candidates": ()}
-    first = build_recipe(Recipe(), data={}, scheme={}, solver=off, top={})
-    assert first.solver == SolverConfig(observer="mse", mse_grid=100, mse_max_shrink=0.2)
-    assert not {"code_rounds", "scale_candidates"} & set(first.to_dict()["solver"])
-    # ... and with --observer absmax, the default before issue 13.
-    earlier = build_recipe(Recipe(), data={}, scheme={}, solver={"observer": "minmax", **off}, top={})
+    refined = build_recipe(Recipe(), data={}, scheme={}, solver=dict(REFINED), top={})
+    assert (refined.solver.code_rounds, refined.solver.scale_candidates) == (2, (0.94, 0.97, 1.03))
+    assert refined.to_dict()["solver"]["code_rounds"] == 2
+    # --observer absmax: the default before issue 13.
+    earlier = build_recipe(Recipe(), data={}, scheme={}, solver={"observer": "minmax"}, top={})
     assert earlier.solver == SolverConfig(mse_max_shrink=0.2)  # unused by absmax scales

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
 
 from streamq.errors import StreamqError
-from streamq.recipe import RECIPE_NAME, Recipe, default_solver
+from streamq.recipe import RECIPE_NAME, REFINED, Recipe, default_solver
 from streamq.solvers.code_descent import DescentRun, refine_codes
 from streamq.solvers.gptq import SolveOptions, damped_hessians, experts_per_chunk, gptq_quantize, gptq_solve_prepared
 from streamq.solvers.hessian import prepare_hessians
@@ -28,7 +28,8 @@ from streamq.solvers.synthetic import random_problem
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SWEEP_ONLY = replace(default_solver(), code_rounds=0)  # the default's scale search, no refinement after the sweep
+SWEEP_ONLY = default_solver()  # the default's scale search, no refinement after the sweep
+REFINED_SOLVER = replace(default_solver(), **REFINED)  # the refinements that measured best (recipe.REFINED)
 
 
 def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -191,7 +192,7 @@ def test_a_candidate_sweep_given_the_zero_points_skips_the_observer_and_changes_
 
 def test_refined_solves_take_smaller_chunks_and_chunking_changes_nothing() -> None:
     w, h = random_problem(3, 16, 128, seed=12)
-    cfg = replace(default_solver(), scheme=QuantScheme(bits=3, group_size=64))
+    cfg = replace(REFINED_SOLVER, scheme=QuantScheme(bits=3, group_size=64))
     whole = gptq_quantize(w, h, cfg)
     one_at_a_time = gptq_quantize(w, h, cfg, SolveOptions(memory_budget=1))
     assert torch.equal(whole.q, one_at_a_time.q) and torch.equal(whole.scale, one_at_a_time.scale)
@@ -208,8 +209,8 @@ def test_refined_solves_take_smaller_chunks_and_chunking_changes_nothing() -> No
     ids=["fp4-scales", "groups-fitted-in-the-sweep"],
 )
 def test_scale_candidates_leave_solves_they_cannot_apply_to_alone(cfg: SolverConfig) -> None:
-    """The default's candidates multiply integer scales fixed before the sweep; an NVFP4 or no-act-order recipe
-    keeps the default and is solved as without them (its code descent still runs)."""
+    """The candidates multiply integer scales fixed before the sweep; an NVFP4 or no-act-order recipe given them
+    is solved as without them (its code descent still runs)."""
     Recipe(solver=replace(cfg, scale_candidates=(0.94, 0.97, 1.03)))  # accepted, as `--format nvfp4` builds it
     w, h = random_problem(2, 16, 128, seed=13)
     with_them = gptq_quantize(w, h, replace(cfg, scale_candidates=(0.94, 0.97, 1.03), code_rounds=1))

@@ -35,6 +35,8 @@ from streamq.kernels.fp8_blocks import dequant_fp8_blocks
 # Threads reading a block's tensors at once (CheckpointReader.load_prefix): a copy out of the page cache and to the
 # device runs at a few GB/s on one thread.
 READERS = 4
+# Bytes of a tensor copied out of the map at once (see _MappedFile.read).
+READ_PIECE = 64 << 20
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -144,17 +146,23 @@ class _MappedFile:
             # ACCESS_COPY gives a writable buffer (torch.frombuffer warns on read-only ones); nothing writes to it.
             self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
-    def read(self, info: TensorInfo) -> torch.Tensor:
-        """Copy the tensor's bytes out of the map, then drop the pages from this process."""
-        out = torch.empty(info.nbytes, dtype=torch.uint8)
-        if info.nbytes:
+    def read(self, info: TensorInfo, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Copy the tensor's bytes out of the map onto ``device``, a piece at a time, dropping each piece's pages from
+        this process once copied: a 2 GB embedding then never holds more than one piece of the file in host memory,
+        nor (for a GPU) a host copy of itself."""
+        out = torch.empty(info.nbytes, dtype=torch.uint8, device=device)
+        for first in range(0, info.nbytes, READ_PIECE):
+            n = min(READ_PIECE, info.nbytes - first)
             try:
-                out.copy_(torch.frombuffer(self.map, dtype=torch.uint8, count=info.nbytes, offset=info.start))
+                # From pageable memory the copy returns once the bytes are taken (staged for a GPU).
+                out[first : first + n].copy_(
+                    torch.frombuffer(self.map, dtype=torch.uint8, count=n, offset=info.start + first)
+                )
             except (OSError, RuntimeError) as exc:
                 raise StreamqError(
                     f"{self.path}: read error at bytes {info.start}-{info.end} ({exc}); check the disk and the file"
                 ) from None
-            self._release(info.start, info.end)
+            self._release(info.start + first, info.start + first + n)
         return out.view(info.dtype).reshape(info.shape)
 
     def _release(self, start: int, end: int) -> None:
@@ -207,7 +215,7 @@ class CheckpointReader:
             mapped = self._maps.get(info.file)
             if mapped is None:
                 mapped = self._maps[info.file] = _MappedFile(info.file)
-        return mapped.read(info).to(device)
+        return mapped.read(info, device)
 
     def weight(
         self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16
