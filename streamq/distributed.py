@@ -24,6 +24,11 @@ import torch.distributed as torch_dist
 
 from streamq.errors import StreamqError
 
+# torch 2.13 renamed these two (the old names warn, once per process, into the live display); the image of the GPU
+# machines has 2.11, which may only have the old ones. Same arguments in the same order.
+_ALL_GATHER = getattr(torch_dist, "all_gather_single", torch_dist.all_gather_into_tensor)
+_REDUCE_SCATTER = getattr(torch_dist, "reduce_scatter_single", torch_dist.reduce_scatter_tensor)
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -59,7 +64,7 @@ class Dist:
         if self.world == 1:
             return t
         out = t.new_empty((self.world * t.shape[0], *t.shape[1:]))
-        torch_dist.all_gather_into_tensor(out, t.contiguous(), group=self.group)
+        _ALL_GATHER(out, t.contiguous(), group=self.group)
         return out
 
     def sum_scatter_rows(self, t: torch.Tensor) -> torch.Tensor:
@@ -67,7 +72,7 @@ class Dist:
         if self.world == 1:
             return t
         out = t.new_empty((t.shape[0] // self.world, *t.shape[1:]))
-        torch_dist.reduce_scatter_tensor(out, t.contiguous(), group=self.group)
+        _REDUCE_SCATTER(out, t.contiguous(), group=self.group)
         return out
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
