@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from streamq.distributed import SINGLE, Dist
-from streamq.io.activations import ActivationReader, ActivationSpec, ActivationWriter, microbatches, samples_per_batch
+from streamq.io.activations import ActivationSpec, microbatches, samples_per_batch
 from streamq.model.deepseek import Block, MoE
 from streamq.resume import crash_point
 
@@ -75,6 +75,8 @@ class ActivationSource(Protocol):
 
 
 class ActivationSink(Protocol):
+    """Where a block's output goes: a file (io.activations.ActivationWriter) or the device (resident.py)."""
+
     def write(self, first: int, values: torch.Tensor) -> None: ...
 
 
@@ -82,7 +84,7 @@ class ActivationSink(Protocol):
 class BlockInputs:
     """A block's saved input on this rank, micro-batch by micro-batch, and the rotary tables it needs."""
 
-    source: ActivationReader | ActivationSource
+    source: ActivationSource
     batches: list[tuple[int, int]]
     cos: torch.Tensor
     sin: torch.Tensor
@@ -99,7 +101,7 @@ class BlockInputs:
 def propagate(
     block: Block,
     inputs: BlockInputs,
-    writer: ActivationWriter | ActivationSink,
+    writer: ActivationSink,
     dtype: torch.dtype,
     dist: Dist = SINGLE,
     experts: Sequence[int] | None = None,

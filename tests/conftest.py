@@ -28,6 +28,20 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_synthetic_checkpoint(tmp_path_factory.mktemp("tiny"), SynthOptions(preset="tiny", shards=4))
 
 
+@pytest.fixture(scope="module")
+def moe_block(tiny_checkpoint: Path) -> tuple:
+    """The tiny model's first MoE block in float64 on the CPU, with rotary tables for 16 positions:
+    (config, layer, block, cos, sin)."""
+    from streamq.io.safetensors_stream import CheckpointReader
+    from streamq.model.deepseek import load_block, rope_cos_sin
+
+    reader = CheckpointReader(tiny_checkpoint)
+    layer = reader.config.first_k_dense_replace
+    block = load_block(reader, layer, "cpu", torch.float64)
+    cos, sin = rope_cos_sin(reader.config, 16, "cpu")
+    return reader.config, layer, block, cos.double(), sin.double()
+
+
 @pytest.fixture
 def triton_interpret() -> str:
     """The device Triton kernels run on here: the GPU when there is one, else the CPU interpreter."""

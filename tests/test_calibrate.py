@@ -10,18 +10,8 @@ import torch
 from streamq.calibrate import Accumulators, Hessians, calibration_pass, expert_down_input, mlp_input
 from streamq.groups import MOE_INPUT, linear_groups
 from streamq.io.safetensors_stream import CheckpointReader
-from streamq.model.deepseek import load_block, rope_cos_sin
 from streamq.passes import PassPlan, plan_passes, with_first
 from streamq.recipe import Recipe
-
-
-@pytest.fixture(scope="module")
-def moe_block(tiny_checkpoint: Path):
-    reader = CheckpointReader(tiny_checkpoint)
-    layer = reader.config.first_k_dense_replace
-    block = load_block(reader, layer, "cpu", torch.float64)
-    cos, sin = rope_cos_sin(reader.config, 16, "cpu")
-    return reader.config, layer, block, cos.double(), sin.double()
 
 
 def test_routed_pass_sees_exactly_the_routed_tokens(moe_block) -> None:

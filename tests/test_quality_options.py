@@ -18,7 +18,6 @@ from streamq.calibrate import Accumulators, Hessians, calibration_pass, expert_d
 from streamq.data import DataConfig
 from streamq.errors import StreamqError
 from streamq.io.safetensors_stream import CheckpointReader
-from streamq.model.deepseek import load_block, rope_cos_sin
 from streamq.passes import PassPlan
 from streamq.pipeline import RunOptions, run
 from streamq.recipe import REFINED, Recipe, default_solver
@@ -98,17 +97,8 @@ def test_gptq_towards_the_float_target_lowers_the_float_output_error() -> None:
     assert (float_error(aimed) < 0.5 * float_error(plain)).all()
 
 
-@pytest.fixture(scope="module")
-def moe_block(tiny_checkpoint: Path):
-    reader = CheckpointReader(tiny_checkpoint)
-    layer = reader.config.first_k_dense_replace
-    block = load_block(reader, layer, "cpu", torch.float64)
-    cos, sin = rope_cos_sin(reader.config, 16, "cpu")
-    return reader.config, block, cos.double(), sin.double()
-
-
 def test_a_pass_with_targets_collects_each_experts_float_times_quantized_inputs(moe_block) -> None:
-    cfg, block, cos, sin = moe_block
+    cfg, _, block, cos, sin = moe_block
     gen = torch.Generator().manual_seed(9)
     xs = [torch.randn(2, 16, cfg.hidden_size, generator=gen, dtype=torch.float64) for _ in range(2)]
     fs = [x + 0.05 * torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in xs]
@@ -135,7 +125,7 @@ def test_a_pass_with_targets_collects_each_experts_float_times_quantized_inputs(
 
 
 def test_router_weighting_scales_each_token_by_its_router_weight_squared(moe_block) -> None:
-    cfg, block, cos, sin = moe_block
+    cfg, _, block, cos, sin = moe_block
     xs = [torch.randn(2, 16, cfg.hidden_size, generator=torch.Generator().manual_seed(10), dtype=torch.float64)]
     into = Accumulators(Hessians(), router_weighted=True)
     experts = tuple(range(cfg.n_routed_experts))

@@ -300,14 +300,17 @@ class CheckpointReader:
             )
         out: dict[str, torch.Tensor] = {}
         threads = max(1, readers or READERS)
+        window = 2 * threads  # reads ahead of the conversion: the device holds a few raw tensors more
         with ThreadPoolExecutor(threads, thread_name_prefix="streamq-load") as pool:
-            # At most two reads per thread ahead of the conversion: the device holds a few raw tensors more.
-            ahead: deque[Future[tuple[torch.Tensor, torch.Tensor | None]] | None] = deque()
-            todo = iter(wanted)
-            for name, want in wanted:
-                while len(ahead) < 2 * threads and (nxt := next(todo, None)) is not None:
-                    ahead.append(None if nxt[0] in self.packed else pool.submit(self._fetch, nxt[0], device))
+
+            def fetch(name: str) -> Future[tuple[torch.Tensor, torch.Tensor | None]] | None:
+                return None if name in self.packed else pool.submit(self._fetch, name, device)
+
+            ahead = deque(fetch(name) for name, _ in wanted[:window])
+            for i, (name, want) in enumerate(wanted):
                 fetched = ahead.popleft()
+                if i + window < len(wanted):
+                    ahead.append(fetch(wanted[i + window][0]))
                 key = name[len(prefix) :]
                 out[key] = (
                     self.weight(name, device, want) if fetched is None else self._convert(*fetched.result(), want)
