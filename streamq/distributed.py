@@ -122,7 +122,10 @@ def from_environment(device: str) -> tuple[Dist, str]:
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     if not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # Naming the device binds NCCL's communicator to it up front: without it every barrier warns that it
+        # guesses the device, and those warnings break into the live panel.
+        options = {"backend": "nccl", "device_id": torch.device(device)} if use_cuda else {"backend": "gloo"}
+        torch_dist.init_process_group(**options)
     return Dist(rank=torch_dist.get_rank(), world=torch_dist.get_world_size()), device if use_cuda else "cpu"
 
 
