@@ -122,13 +122,17 @@ def run(
     ] = None,
     code_rounds: Annotated[
         int | None,
-        typer.Option(help="Rounds of coordinate descent on the codes after the GPTQ sweep (default 0; 2 refines)."),
+        typer.Option(help="Rounds of coordinate descent on the codes after the GPTQ sweep (default 2; 0 = off)."),
     ] = None,
     scale_candidates: Annotated[
         str | None,
         typer.Option(
-            help="Multipliers of the group scales (default none; 0.94,0.97,1.03 refines): a sweep each, best per row."
+            help="Multipliers of the group scales, a sweep each, best per row (default 0.88,0.91,0.94,0.97,1.03,1.06)."
         ),
+    ] = None,
+    refine: Annotated[
+        str | None,
+        typer.Option(help="Where the scale candidates and code descent apply: down (projections, default) or all."),
     ] = None,
     target: Annotated[
         str | None, typer.Option(help="float: experts match the unquantized model's output (GPTAQ); layer: GPTQ.")
@@ -203,6 +207,7 @@ _RECIPE_OPTIONS = (
     "source_experts",
     "target",
     "router_weighted",
+    "refine",
 )
 
 

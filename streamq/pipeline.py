@@ -295,6 +295,7 @@ def _solve_block(
         ctx.memory.solve_batch,
         partial(ctx.reporter.fallback, layer),
         recipe.plan(ctx.reader.config.fp8_block is not None).quantized(),
+        recipe.refine,
     )
     mine = [g for g in groups if g.expert is not None or dist.main]
     awq = partial(_block_awq, ctx.reader, recipe, dist, block, layer, mine)

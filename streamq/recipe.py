@@ -24,6 +24,7 @@ Method = Literal["gptq", "rtn", "awq"]
 Scope = Literal["experts", "all"]
 CalibrationMode = Literal["routed", "all", "hybrid"]
 Target = Literal["layer", "float"]
+Refine = Literal["all", "down"]
 UnquantizedDtype = Literal["bf16", "fp8"]
 SourceExperts = Literal["requantize", "keep"]
 # A family left unquantized: dequantized to bf16, the release's FP8 blocks, or (routed experts of a pack-quantized
@@ -98,16 +99,20 @@ _SOLVER_OPTIONAL = ("code_rounds", "scale_candidates")
 def default_solver() -> SolverConfig:
     """The default recipe's solver: GPTQ with MSE-searched group scales over 20 clipping ratios 1.00, 0.99, ...
     0.81 (llm-compressor's MSE observer range; bench/RESULTS.md "issue 13": the direction that paid against
-    llm-compressor's GPTQ, and 20 ratios rather than 80 keep its cost small at DeepSeek-V3 width).
-    ``--observer absmax`` is the earlier default, byte for byte. The refinements after the sweep
-    (``--scale-candidates 0.94,0.97,1.03 --code-rounds 2``: lower KL at W4 and W3 on the trained fixture) are not
-    in the default: they cost 9 s per MoE block at DeepSeek-V3 width on an H200 (measured), which would take a
-    one-GPU run past issue 11's 45 s per block at 2 M calibration tokens."""
-    return SolverConfig(observer="mse", mse_grid=100, mse_max_shrink=0.2)
+    llm-compressor's GPTQ, and 20 ratios rather than 80 keep its cost small at DeepSeek-V3 width), then the
+    refinements after the sweep: six scale candidates and two rounds of code descent, which the default recipe
+    (``Recipe.refine`` "down") applies to the down projections alone: they carry ~90% of an expert's output error
+    on the trained fixture, and at DeepSeek-V3 width they are the cheap matrices (2048 columns against gate/up's
+    7168), so the refinement costs a fraction of refining every Linear for most of its gain (bench/RESULTS.md,
+    "Refinements where the error is"). ``--observer absmax --scale-candidates none --code-rounds 0`` is the
+    default before issue 13, byte for byte."""
+    return SolverConfig(observer="mse", mse_grid=100, mse_max_shrink=0.2, **DOWN_REFINED)
 
 
-# The refinements after the sweep that measured best on the trained fixture (bench/RESULTS.md, issue 13).
+# The refinements after the sweep that measured best on the trained fixture (bench/RESULTS.md, issue 13): REFINED
+# for every Linear (``--refine all``), DOWN_REFINED, the default, for the down projections (``--refine down``).
 REFINED = {"scale_candidates": (0.94, 0.97, 1.03), "code_rounds": 2}
+DOWN_REFINED = {"scale_candidates": (0.88, 0.91, 0.94, 0.97, 1.03, 1.06), "code_rounds": 2}
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,7 @@ class Recipe:
     source_experts: SourceExperts = "requantize"
     target: Target = "layer"
     router_weighted: bool = False
+    refine: Refine = "down"
     data: DataConfig = field(default_factory=DataConfig)
     schemes: tuple[tuple[str, str], ...] = ()
 
@@ -151,6 +157,9 @@ class Recipe:
         _one_of("source_experts", self.source_experts, ("requantize", "keep"))
         self._check_kept_experts()
         _one_of("target", self.target, ("layer", "float"))
+        _one_of("refine", self.refine, ("all", "down"))
+        if not (self.solver.scale_candidates or self.solver.code_rounds):
+            object.__setattr__(self, "refine", "all")  # nothing to apply: one canonical form, one digest
         _one_of("actorder", self.solver.actorder, ("none", "weight"))
         _one_of("observer", self.solver.observer, ("minmax", "mse"))
         if self.min_tokens < 0:
@@ -229,6 +238,8 @@ class Recipe:
             d["schemes"] = dict(self.schemes)
         if self.source_experts == "requantize":
             del d["source_experts"]
+        if self.refine == "all":
+            del d["refine"]
         for name in _SOLVER_OPTIONAL:  # off: not serialised, so recipes from before these options keep their digest
             if not d["solver"][name]:
                 del d["solver"][name]
@@ -240,6 +251,7 @@ class Recipe:
         solver["scheme"] = QuantScheme(**solver["scheme"])
         solver["scale_candidates"] = tuple(solver.get("scale_candidates", ()))
         schemes = tuple(dict(d.get("schemes") or {}).items())
+        d = {"refine": "all", **d}  # written only when "down" (see the class)
         return cls(**{**d, "solver": SolverConfig(**solver), "data": DataConfig(**d["data"]), "schemes": schemes})
 
     def digest(self) -> str:
@@ -273,7 +285,7 @@ def describe(recipe: Recipe) -> str:
     if solver.scale_rounds and recipe.method == "gptq":
         parts.append(f"least-squares scales ×{solver.scale_rounds}")
     if recipe.method == "gptq":
-        parts += _refinements(solver)
+        parts += _refinements(solver, recipe.refine)
     if not recipe.schemes:
         parts.append("routed experts" if recipe.scope == "experts" else "all Linears")
         if recipe.source_experts == "keep":
@@ -291,9 +303,9 @@ def describe(recipe: Recipe) -> str:
     return ", ".join(p for p in parts if p)
 
 
-def _refinements(solver: SolverConfig) -> list[str]:
-    """GPTQ's refinements after the sweep, named when they are not the default's (three scale candidates, two
-    rounds of code descent)."""
+def _refinements(solver: SolverConfig, refine: Refine) -> list[str]:
+    """GPTQ's refinements after the sweep, named when they are not the default's (six scale candidates, two rounds
+    of code descent, on the down projections)."""
     default = default_solver()
     parts = []
     if solver.scale_candidates != default.scale_candidates:
@@ -302,6 +314,8 @@ def _refinements(solver: SolverConfig) -> list[str]:
     rounds = solver.code_rounds
     if rounds != default.code_rounds:
         parts.append(f"code descent ×{rounds}" if rounds else "no code descent")
+    if refine == "all" and (solver.scale_candidates or rounds):
+        parts.append("refined on every Linear")
     return parts
 
 

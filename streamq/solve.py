@@ -15,7 +15,8 @@ from torch import nn
 
 from streamq.distributed import Dist
 from streamq.export.compressed_tensors import pack_linear
-from streamq.groups import Family, LinearGroup
+from streamq.groups import Family, LinearGroup, Role
+from streamq.recipe import Refine
 from streamq.resume import crash_point
 from streamq.solvers.gptaq import asymmetric_target
 from streamq.solvers.gptq import SolveOptions, gptq_quantize
@@ -55,7 +56,8 @@ class Solved:
 class Solver:
     """What solving needs of the run: the block's modules, the solver's config and options, and where to say so
     when a matrix needed a fallback. ``schemes``: each family's grid (a mixed recipe's plan), where it is not
-    ``config``'s."""
+    ``config``'s. ``refine``: "down" keeps ``config``'s refinements after the sweep (scale candidates, code
+    descent) for the down projections and solves every other group without them (recipe.Recipe.refine)."""
 
     modules: dict[str, nn.Module]
     config: SolverConfig
@@ -63,20 +65,28 @@ class Solver:
     batch: int  # experts per solver call
     on_fallback: OnFallback
     schemes: Mapping[Family, QuantScheme] = field(default_factory=dict)
+    refine: Refine = "all"
 
     def config_for(self, group: LinearGroup) -> SolverConfig:
-        scheme = self.schemes.get(group.family, self.config.scheme)
-        return self.config if scheme == self.config.scheme else replace(self.config, scheme=scheme)
+        config = self.config
+        scheme = self.schemes.get(group.family, config.scheme)
+        if scheme != config.scheme:
+            config = replace(config, scheme=scheme)
+        if self.refine == "down" and group.role is not Role.DOWN:
+            config = replace(config, scale_candidates=(), code_rounds=0)
+        return config
 
     def solve(
         self, groups: Sequence[LinearGroup], hessian: HessianOf | None, solved: Solved, cross: CrossOf | None = None
     ) -> None:
         """Solve ``groups`` (GPTQ with ``hessian``, round to nearest without), same shapes stacked; a group with a
         ``cross`` product is solved towards the float model's output (solvers/gptaq.py)."""
-        by_shape: dict[tuple[int, ...], list[LinearGroup]] = {}
+        by_shape: dict[tuple[object, ...], list[LinearGroup]] = {}
         for group in groups:
-            shape = tuple(self.modules[m].weight.shape[0] for m in group.members)
-            key = (*shape, self.modules[group.members[0]].weight.shape[1], group.expert is None, group.family)
+            rows = tuple(self.modules[m].weight.shape[0] for m in group.members)
+            shape = (*rows, self.modules[group.members[0]].weight.shape[1])
+            # The role too: untied gate and up of an expert as wide as the model have down's shape, not its config.
+            key = (*shape, group.expert is None, group.family, group.role)
             by_shape.setdefault(key, []).append(group)
         for same in by_shape.values():
             step = self.batch if same[0].expert is not None else 1
@@ -87,7 +97,7 @@ class Solver:
         self, groups: Sequence[LinearGroup], hessian: HessianOf | None, solved: Solved, cross: CrossOf | None
     ) -> None:
         weights = torch.stack([torch.cat([self.modules[m].weight for m in g.members]) for g in groups]).float()
-        config = self.config_for(groups[0])  # stacked groups are of one family
+        config = self.config_for(groups[0])  # stacked groups are of one family and role
         if hessian is None:
             result = rtn_quantize(weights, config)
         else:

@@ -279,17 +279,25 @@ def output_files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name not in timing}
 
 
-def test_the_default_recipe_searches_scales_refines_only_when_asked_and_absmax_is_the_earlier_default() -> None:
-    default = Recipe()
-    assert (default.solver.observer, default.solver.mse_grid, default.solver.mse_max_shrink) == ("mse", 100, 0.2)
-    assert (default.solver.code_rounds, default.solver.scale_candidates) == (0, ())
-    assert not {"code_rounds", "scale_candidates"} & set(default.to_dict()["solver"])  # digests as before
-    assert (default.target, default.router_weighted, default.solver.scale_rounds) == ("layer", False, 0)
+def test_the_default_recipe_searches_scales_refines_the_down_projections_and_the_earlier_defaults_stay() -> None:
     from streamq.cli import build_recipe
 
-    refined = build_recipe(Recipe(), data={}, scheme={}, solver=dict(REFINED), top={})
+    default = Recipe()
+    assert (default.solver.observer, default.solver.mse_grid, default.solver.mse_max_shrink) == ("mse", 100, 0.2)
+    assert (default.solver.code_rounds, default.solver.scale_candidates) == (2, (0.88, 0.91, 0.94, 0.97, 1.03, 1.06))
+    assert default.refine == "down" and default.to_dict()["refine"] == "down"
+    assert Recipe.from_dict(default.to_dict()) == default
+    assert (default.target, default.router_weighted, default.solver.scale_rounds) == ("layer", False, 0)
+    # --refine all with the earlier refinements: the refined option of issue 13's second round.
+    refined = build_recipe(Recipe(), data={}, scheme={}, solver=dict(REFINED), top={"refine": "all"})
     assert (refined.solver.code_rounds, refined.solver.scale_candidates) == (2, (0.94, 0.97, 1.03))
-    assert refined.to_dict()["solver"]["code_rounds"] == 2
-    # --observer absmax: the default before issue 13.
-    earlier = build_recipe(Recipe(), data={}, scheme={}, solver={"observer": "minmax"}, top={})
+    assert refined.refine == "all"
+    assert "refine" not in refined.to_dict() and refined.to_dict()["solver"]["code_rounds"] == 2
+    # --scale-candidates none --code-rounds 0: issue 13's first default, with its file and digest of then.
+    first = build_recipe(Recipe(), data={}, scheme={}, solver={"scale_candidates": (), "code_rounds": 0}, top={})
+    assert first.refine == "all"
+    assert not {"code_rounds", "scale_candidates"} & set(first.to_dict()["solver"]) and "refine" not in first.to_dict()
+    # ... and with --observer absmax the default before issue 13.
+    none = {"scale_candidates": (), "code_rounds": 0}
+    earlier = build_recipe(Recipe(), data={}, scheme={}, solver={"observer": "minmax", **none}, top={})
     assert earlier.solver == SolverConfig(mse_max_shrink=0.2)  # unused by absmax scales

@@ -28,7 +28,7 @@ from streamq.solvers.synthetic import random_problem
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SWEEP_ONLY = default_solver()  # the default's scale search, no refinement after the sweep
+SWEEP_ONLY = replace(default_solver(), scale_candidates=(), code_rounds=0)  # the default's scale search alone
 REFINED_SOLVER = replace(default_solver(), **REFINED)  # the refinements that measured best (recipe.REFINED)
 
 
@@ -216,3 +216,41 @@ def test_scale_candidates_leave_solves_they_cannot_apply_to_alone(cfg: SolverCon
     with_them = gptq_quantize(w, h, replace(cfg, scale_candidates=(0.94, 0.97, 1.03), code_rounds=1))
     without = gptq_quantize(w, h, replace(cfg, code_rounds=1))
     assert torch.equal(with_them.q, without.q) and torch.equal(with_them.scale, without.scale)
+
+
+@pytest.mark.slow
+def test_the_default_refines_the_down_projections_alone(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """`streamq run` with the default refinements (down projections), with `--refine all` and with none, through
+    the command the user runs. The first MoE layer's experts all see the same inputs in the three runs (each
+    expert's down is fitted on its unquantized gate/up output), so the default's gate/up are the unrefined run's,
+    byte for byte, and its down projections are the all-refined run's; the refinements change both somewhere."""
+    base = ["--num-samples", "4", "--seq-len", "32", "--dtype", "float32", "--device", "cpu", "--bits", "3"]
+    runs = {"down": [], "all": ["--refine", "all"], "none": ["--scale-candidates", "none", "--code-rounds", "0"]}
+    packed = {}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        command = [sys.executable, "-m", "streamq", "run", str(tiny_checkpoint), str(out), *base, *extra]
+        done = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        packed[name] = first_moe_layer_codes(out, layer=2)
+    assert json.loads((tmp_path / "down" / RECIPE_NAME).read_text())["refine"] == "down"
+    gate_up = [n for n in packed["down"] if ".down_proj." not in n]
+    down = [n for n in packed["down"] if ".down_proj." in n]
+    assert gate_up and down
+    assert all(torch.equal(packed["down"][n], packed["none"][n]) for n in gate_up)
+    assert all(torch.equal(packed["down"][n], packed["all"][n]) for n in down)
+    assert not all(torch.equal(packed["all"][n], packed["none"][n]) for n in gate_up)
+    assert not all(torch.equal(packed["down"][n], packed["none"][n]) for n in down)
+
+
+def first_moe_layer_codes(out: Path, layer: int) -> dict[str, torch.Tensor]:
+    """The packed codes and scales of layer ``layer``'s routed experts in a finished OUT."""
+    from safetensors import safe_open
+
+    found = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                if name.startswith(f"model.layers.{layer}.mlp.experts."):
+                    found[name] = f.get_tensor(name)
+    return found
