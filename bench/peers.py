@@ -51,7 +51,7 @@ from streamq.evaluate import TokenSums, token_sums
 from streamq.io.packed import dequantize_packed
 from streamq.io.safetensors_stream import CheckpointReader
 from streamq.pipeline import RunOptions, run
-from streamq.recipe import Recipe, default_solver
+from streamq.recipe import DOWN_REFINED, Recipe, default_solver
 from streamq.solvers.scheme import QuantScheme, SolverConfig
 from streamq.tui import Reporter
 
@@ -113,6 +113,12 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "sc3-cd2": {"solver": {**_MSE_FINE, "scale_candidates": (0.94, 0.97, 1.03), "code_rounds": 2}},
     "sc2-cd2": {"solver": {**_MSE_FINE, "scale_candidates": (0.96, 1.04), "code_rounds": 2}},
     "sc2-cd1": {"solver": {**_MSE_FINE, "scale_candidates": (0.95, 1.03), "code_rounds": 1}},
+    # Six candidates and two rounds on the down projections alone (the default since issue 13's third round).
+    "down6": {"solver": {**_MSE_FINE, **DOWN_REFINED}, "recipe": {"refine": "down"}},
+    "down8": {
+        "solver": {**_MSE_FINE, "scale_candidates": (0.85, 0.88, 0.91, 0.94, 0.97, 1.03, 1.06, 1.09), "code_rounds": 2},
+        "recipe": {"refine": "down"},
+    },
     "hmse": {"solver": _HMSE80},
     "ls": {"solver": {**_MINMAX, "scale_rounds": 1}},
     "mse-ls": {"solver": {**_MSE80, "scale_rounds": 1}},
@@ -225,7 +231,8 @@ def run_streamq(args: argparse.Namespace, recipe: PeerRecipe, tool: Tool, seed: 
         calibration="all" if recipe.all_experts else "routed",
         solver=replace(base, scheme=QuantScheme(bits=recipe.bits, group_size=128)),
         data=calibration_config(args, seed),
-        **overrides.get("recipe", {}),
+        # Spelled-out variants refine every Linear unless they say otherwise, as before ``refine`` existed.
+        **{**({} if tool.variant == "default" else {"refine": "all"}), **overrides.get("recipe", {})},
     )
     ckpt = args.work / "streamq-out" / out.stem
     start = time.perf_counter()
