@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from streamq.kernels import mse_scales
 from streamq.solvers.scheme import QuantScheme, SolverConfig
 
 _FP8_E4M3_MAX = 448.0
@@ -152,10 +153,37 @@ def _mse_qparams(
     gscale: torch.Tensor | None,
     weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Shrink the min-max range by 1 - i/grid for i < max_shrink*grid; keep, per group, the range whose
-    rounding error has the smallest sum of |error|**norm. Ties keep the widest range (the min-max one)."""
+    """``mse_search_ref``'s result; by ``kernels.mse_scales`` (each weight read once) for integer grids on CUDA
+    (float32, no global scale, no per-column weight)."""
+    scheme = cfg.scheme
+    fused = groups.is_cuda and groups.dtype == torch.float32 and gscale is None and weight is None
+    if fused and scheme.format == "int" and mse_scales.supported(groups, scheme.scale_torch_dtype):
+        return mse_scales.mse_scales_triton(
+            groups, lo, hi, mse_ratios(cfg, groups.device), scheme.qmin, scheme.qmax, scheme.symmetric,
+            cfg.mse_norm, scheme.scale_torch_dtype,
+        )  # fmt: skip
+    return mse_search_ref(groups, lo, hi, cfg, gscale, weight)
+
+
+def mse_ratios(cfg: SolverConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The clipping ratios the MSE observer tries: 1 - i/grid for i < max_shrink*grid."""
     steps = max(1, int(cfg.mse_max_shrink * cfg.mse_grid))
-    shrink = 1.0 - torch.arange(steps, device=groups.device, dtype=groups.dtype) / cfg.mse_grid
+    return 1.0 - torch.arange(steps, device=device, dtype=dtype) / cfg.mse_grid
+
+
+def mse_search_ref(
+    groups: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    cfg: SolverConfig,
+    gscale: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Shrink the min-max range by each of ``mse_ratios``; keep, per group, the range whose rounding error has the
+    smallest sum of |error|**norm. Ties keep the widest range (the min-max one). Pure torch, every grid: the
+    reference of ``kernels.mse_scales``."""
+    shrink = mse_ratios(cfg, groups.device, groups.dtype)
+    steps = shrink.numel()
     cap = _MSE_ELEMENTS_PER_STEP_CPU if groups.device.type == "cpu" else _MSE_ELEMENTS_PER_STEP
     per_step = max(1, cap // max(1, groups.numel()))
     best_err = torch.full_like(lo, float("inf"))
