@@ -304,8 +304,8 @@ def describe(recipe: Recipe) -> str:
 
 
 def _refinements(solver: SolverConfig, refine: Refine) -> list[str]:
-    """GPTQ's refinements after the sweep, named when they are not the default's (six scale candidates, two rounds
-    of code descent, on the down projections)."""
+    """GPTQ's refinements after the sweep: which Linears they refine, and the candidates and rounds where they are
+    not the default's (six scale candidates, two rounds of code descent)."""
     default = default_solver()
     parts = []
     if solver.scale_candidates != default.scale_candidates:
@@ -314,8 +314,8 @@ def _refinements(solver: SolverConfig, refine: Refine) -> list[str]:
     rounds = solver.code_rounds
     if rounds != default.code_rounds:
         parts.append(f"code descent ×{rounds}" if rounds else "no code descent")
-    if refine == "all" and (solver.scale_candidates or rounds):
-        parts.append("refined on every Linear")
+    if solver.scale_candidates or rounds:
+        parts.append("every Linear refined" if refine == "all" else "down projections refined")
     return parts
 
 
