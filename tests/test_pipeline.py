@@ -409,13 +409,15 @@ print(json.dumps({"base": base, "peak": peak, "block_bf16": block_bf16, "layers"
 def test_peak_host_memory_stays_about_one_block(tmp_path: Path) -> None:
     from streamq.synth import SynthOptions, write_synthetic_checkpoint
 
-    # Many small experts: blocks of ~200 MB (so that holding all 8 would break the bound) that solve quickly.
+    # Many small experts: blocks of ~200 MB (so that holding all 6 would break the bound) that solve quickly. Six
+    # blocks, not eight: the default recipe's refinements make a CPU solve of the down projections ~4x the sweep's,
+    # and smaller blocks do not shrink the run's fixed memory (the bound would no longer hold them apart).
     overrides = {
         "hidden_size": 512,
         "moe_intermediate_size": 512,
         "intermediate_size": 1024,
         "n_routed_experts": 128,
-        "num_hidden_layers": 8,
+        "num_hidden_layers": 6,
         "first_k_dense_replace": 1,
         "vocab_size": 1024,
     }
@@ -426,10 +428,10 @@ def test_peak_host_memory_stays_about_one_block(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     stats = json.loads(done.stdout.strip().splitlines()[-1])
     chunk = budget * overrides["hidden_size"] * 2
-    assert stats["layers"] >= 8
+    assert stats["layers"] >= 6
     # What the run may hold at once, measured from the RSS after imports: the loaded block, the CPU memory plan's
     # budget for Hessians and solver workspace (2 blocks, memory.py), the block's packed output and one activation
-    # chunk, plus 256 MiB for the allocator. Holding every block (8 × block) breaks it; so would keeping the
+    # chunk, plus 256 MiB for the allocator. Holding every block (6 × block) breaks it; so would keeping the
     # activations in RAM. (Measured on 2 cores: 3.8–4.1 blocks.)
     allowed = 4 * stats["block_bf16"] + chunk + 256 * 2**20
     assert stats["peak"] - stats["base"] < allowed < stats["layers"] * stats["block_bf16"], stats
