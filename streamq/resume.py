@@ -171,8 +171,8 @@ class OutputDir:
             )
         if self.manifest.recipe != recipe.digest():
             raise StreamqError(
-                f"{self.path}: holds a run with a different recipe (see {self.path / RECIPE_NAME}); rerun with the "
-                "same options to resume, or choose a new OUT directory"
+                f"{self.path}: holds a run with a different recipe{_recipe_changes(self.path / RECIPE_NAME, recipe)} "
+                f"(see {self.path / RECIPE_NAME}); rerun with the same options to resume, or choose a new OUT directory"
             )
         if self.manifest.model_config_sha256 != config_sha:
             raise StreamqError(
@@ -281,3 +281,27 @@ def crash_point(name: str) -> None:
 
 
 _CRASH_COUNTS: dict[str, int] = {}
+
+
+def _recipe_changes(saved_path: Path, recipe: Recipe) -> str:
+    """``: FIELD saved A, now B; ...`` for the fields that differ from the saved recipe (nested fields dotted, a
+    field only one side has is "unset" on the other), or "" when the saved recipe cannot be read. A default that
+    changed between versions then shows which options resume the older run."""
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return ""
+    old, new = _flat(saved), _flat(recipe.to_dict())
+    changed = [f"{k} saved {old.get(k, 'unset')}, now {new.get(k, 'unset')}" for k in sorted(old.keys() | new.keys())
+               if old.get(k) != new.get(k)]  # fmt: skip
+    return ": " + "; ".join(changed) if changed else ""
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out

@@ -208,9 +208,13 @@ def test_sigterm_stops_cleanly_with_an_interrupted_event_and_resumes_to_identica
 def test_a_different_recipe_is_refused(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
     monkeypatch.setenv("STREAMQ_CRASH_AT", "")
-    with pytest.raises(StreamqError, match="different recipe"):
-        quantize(tiny_checkpoint, out, Recipe(data=DATA, method="rtn"))
+    quantize(tiny_checkpoint, out, Recipe(data=DATA, method="rtn"))
+    # The message names what changed (e.g. a default that moved between versions): the options that resume it.
+    with pytest.raises(StreamqError, match=r"different recipe: method saved rtn, now gptq \(see .*streamq_recipe"):
         quantize(tiny_checkpoint, out, Recipe(data=DATA, method="gptq"))
+    later = Recipe(data=DATA, method="rtn", solver=replace(Recipe().solver, code_rounds=3))
+    with pytest.raises(StreamqError, match=r"different recipe: solver.code_rounds saved 2, now 3 \(see"):
+        quantize(tiny_checkpoint, out, later)
 
 
 def test_an_unrelated_directory_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
