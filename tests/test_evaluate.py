@@ -261,7 +261,8 @@ def test_eval_command_prints_labelled_errors_and_no_block_past_the_last(
     tiny_checkpoint: Path, quantized_out: Path
 ) -> None:
     layers = ModelConfig.load(tiny_checkpoint).num_hidden_layers
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
     args = ["--num-samples", "2", "--seq-len", "16", "--dtype", "float32", "--device", "cpu", "--display", "plain"]
     cmd = [sys.executable, "-m", "streamq", "eval", str(tiny_checkpoint), str(quantized_out), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=True)

@@ -269,7 +269,8 @@ def streamq_run(model: Path, out: Path, crash: str | None) -> subprocess.Complet
     """``quantize`` with FLOAT_TARGET through `streamq run`, in a process that ``crash`` may kill."""
     args = ["--num-samples", str(DATA.num_samples), "--seq-len", str(DATA.seq_len), "--dtype", "float32"]
     args += ["--bits", "3", "--target", "float", "--device", "cpu", "--token-budget", str(OPTIONS.token_budget)]
-    env = {**os.environ, "STREAMQ_CRASH_AT": crash or "", "PYTHONPATH": str(REPO)}
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "STREAMQ_CRASH_AT": crash or "", "PYTHONPATH": path}
     command = [sys.executable, "-m", "streamq", "run", str(model), str(out), *args, "--display", "plain"]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 

@@ -27,6 +27,7 @@ from streamq.solvers.scheme import QuantScheme, SolverConfig
 from streamq.solvers.synthetic import random_problem
 
 REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SWEEP_ONLY = replace(default_solver(), scale_candidates=(), code_rounds=0)  # the default's scale search alone
 REFINED_SOLVER = replace(default_solver(), **REFINED)  # the refinements that measured best (recipe.REFINED)
@@ -158,7 +159,7 @@ def test_the_cli_options_reach_the_recipe(tiny_checkpoint: Path, tmp_path: Path)
     args = ["--num-samples", "4", "--seq-len", "32", "--dtype", "float32", "--device", "cpu", "--bits", "3"]
     args += ["--code-rounds", "1", "--scale-candidates", "0.95,1.05", "--display", "plain"]
     command = [sys.executable, "-m", "streamq", "run", str(tiny_checkpoint), str(out), *args]
-    done = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     solver = json.loads((out / RECIPE_NAME).read_text())["solver"]
     assert (solver["code_rounds"], solver["scale_candidates"]) == (1, [0.95, 1.05])
@@ -167,7 +168,7 @@ def test_the_cli_options_reach_the_recipe(tiny_checkpoint: Path, tmp_path: Path)
 def test_a_bad_scale_candidates_list_is_one_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "streamq", "run", str(tiny_checkpoint), str(tmp_path / "out")]
     command += ["--scale-candidates", "0.9;1.1", "--device", "cpu"]
-    done = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert (
         done.stderr.strip()
@@ -230,7 +231,7 @@ def test_the_default_refines_the_down_projections_alone(tiny_checkpoint: Path, t
     for name, extra in runs.items():
         out = tmp_path / name
         command = [sys.executable, "-m", "streamq", "run", str(tiny_checkpoint), str(out), *base, *extra]
-        done = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+        done = subprocess.run(command, env=ENV, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
         packed[name] = first_moe_layer_codes(out, layer=2)
     assert json.loads((tmp_path / "down" / RECIPE_NAME).read_text())["refine"] == "down"

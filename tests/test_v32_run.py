@@ -34,7 +34,7 @@ RUN = ("--num-samples", "4", "--seq-len", "32", "--device", "cpu", "--dtype", "f
 
 
 def streamq(*args: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, "-m", "streamq", *args], capture_output=True, text=True, env=env, timeout=600
     )
