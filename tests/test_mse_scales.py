@@ -1,5 +1,5 @@
-"""The MSE observer's fused scale search (streamq/kernels/mse_scales.py) against its torch reference, and the
-reference against the observer's own search. Without a GPU the kernel runs in Triton's interpreter."""
+"""The MSE observer's fused scale search (streamq/kernels/mse_scales.py) against its torch reference, the observer's
+own search. Without a GPU the kernel runs in Triton's interpreter."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
 
-from streamq.kernels.mse_scales import mse_scales_ref, mse_scales_triton
+from streamq.kernels.mse_scales import mse_scales_triton
 from streamq.recipe import default_solver
 from streamq.solvers.observers import fit_qparams, group_view, mse_ratios, mse_search_ref
 from streamq.solvers.scheme import QuantScheme
@@ -42,7 +42,7 @@ def arguments(groups: torch.Tensor, scheme: QuantScheme) -> tuple:
     cfg = replace(default_solver(), scheme=scheme)
     lo, hi = torch.aminmax(groups, dim=-1)
     shrink = mse_ratios(cfg, groups.device)
-    return groups, lo, hi, shrink, scheme.qmin, scheme.qmax, scheme.symmetric, cfg.mse_norm, scheme.scale_torch_dtype
+    return groups, lo, hi, shrink, scheme, cfg.mse_norm
 
 
 def group_errors(
@@ -55,24 +55,13 @@ def group_errors(
 
 
 @pytest.mark.parametrize("scheme", CASES, ids=IDS)
-def test_the_reference_is_the_observers_search_on_integer_grids(scheme: QuantScheme) -> None:
-    groups = heavy_tailed_groups(scheme, seed=1)
-    cfg = replace(default_solver(), scheme=scheme)
-    lo, hi = torch.aminmax(groups, dim=-1)
-    scale, zero = mse_scales_ref(*arguments(groups, scheme))
-    expected_scale, expected_zero = mse_search_ref(groups, lo, hi, cfg, None)
-    assert torch.equal(scale, expected_scale)
-    assert (zero is None) == scheme.symmetric and (zero is None or torch.equal(zero, expected_zero))
-
-
-@pytest.mark.parametrize("scheme", CASES, ids=IDS)
 @pytest.mark.parametrize("seed", [2, 3])
 def test_the_kernel_picks_the_references_scales(scheme: QuantScheme, seed: int, triton_interpret: str) -> None:
     """Same ratio for nearly every group; where a near tie went the other way (sums in another order, |x| ** norm
     as exp2(norm log2|x|), multiply-adds fused on the GPU), the kernel's pick is as good as the reference's to
     float32 precision."""
     groups = heavy_tailed_groups(scheme, seed)
-    ref_scale, ref_zero = mse_scales_ref(*arguments(groups, scheme))
+    ref_scale, ref_zero = mse_search_ref(*arguments(groups, scheme))
     scale, zero = mse_scales_triton(*arguments(groups.to(triton_interpret), scheme))
     scale, zero = scale.cpu(), None if zero is None else zero.cpu()
     assert scale.shape == ref_scale.shape and (zero is None) == scheme.symmetric

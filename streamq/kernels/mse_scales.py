@@ -3,12 +3,12 @@
 For every group g (a row of ``groups`` ``[R, G]``) and every ratio p of ``shrink`` the range [p·lo, p·hi] gives a
 grid (``observers.range_qparams``: scale, and the zero point of an asymmetric grid, the scale rounded to its
 stored dtype); the group's error is sum |dequantize(quantize(w)) - w| ** norm over its G weights, and the ratio
-with the smallest error wins, the first one on ties. ``mse_scales_ref`` is the pure-torch reference with the same
-signature; the observer's own search (``observers.mse_search_ref``, which also serves the FP4 grids, NVFP4's
-global scale and per-column weights) gives its results exactly on integer grids (a test). Both materialise a
-candidate's codes, dequantized values and errors for every weight, about nine float32 passes over the weights per
-ratio, which at DeepSeek-V3 width (11.3 G expert weights per MoE block, 20 ratios) was ~4 s of an H200's solve
-stage. The kernel keeps a tile of groups in registers and loops over the ratios there.
+with the smallest error wins, the first one on ties. The pure-torch reference, with the same leading arguments, is
+the observer's own search, ``observers.mse_search_ref`` (which also serves the FP4 grids, NVFP4's global scale and
+per-element weights, which this kernel does not). It materialises a candidate's codes, dequantized values and
+errors for every weight, about nine float32 passes over the weights per ratio, which at DeepSeek-V3 width (11.3 G
+expert weights per MoE block, 20 ratios) was ~4 s of an H200's solve stage. The kernel keeps a tile of groups in
+registers and loops over the ratios there.
 
 The arithmetic is the reference's, operation for operation (IEEE division, ties-to-even rounding, the scale
 rounded to bfloat16 by hand as the CPU interpreter truncates); the sums over a group run in another order and
@@ -17,7 +17,12 @@ rounded to bfloat16 by hand as the CPU interpreter truncates); the sums over a g
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:  # the solvers package imports this module
+    from streamq.solvers.scheme import QuantScheme
 
 try:
     import triton
@@ -31,67 +36,25 @@ BLOCK_G = 32  # groups per program
 SCALE_DTYPES = {torch.bfloat16: 1, torch.float32: 0}  # stored scale dtypes the kernel rounds to
 
 
-def supported(groups: torch.Tensor, scale_dtype: torch.dtype) -> bool:
-    """Whether the kernel serves these groups: Triton present, a power-of-two group of at most 1024 weights (one
-    register tile), a scale stored in bfloat16 or float32."""
+def supported(groups: torch.Tensor, scheme: QuantScheme) -> bool:
+    """Whether the kernel serves these groups: float32 on CUDA with Triton present, an integer grid whose scale is
+    stored in bfloat16 or float32, a power-of-two group of at most 1024 weights (one register tile)."""
     size = groups.shape[-1]
-    return triton is not None and size & (size - 1) == 0 and size <= 1024 and scale_dtype in SCALE_DTYPES
-
-
-def mse_scales_ref(
-    groups: torch.Tensor,
-    lo: torch.Tensor,
-    hi: torch.Tensor,
-    shrink: torch.Tensor,
-    qmin: int,
-    qmax: int,
-    symmetric: bool,
-    norm: float,
-    scale_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Pure torch, one ratio at a time (float32): the kernel's definition."""
-    groups, lo, hi = groups.float(), lo.float(), hi.float()
-    eps = torch.finfo(torch.float32).eps
-    best_err = torch.full_like(lo, float("inf"))
-    best_scale, best_zero = torch.zeros_like(lo), torch.zeros_like(lo)
-    for p in shrink.float():
-        low, high = torch.clamp(p * lo, max=0.0), torch.clamp(p * hi, min=0.0)
-        if symmetric:
-            scale = torch.maximum(-low, high) / ((qmax - qmin) / 2)
-            scale = torch.where(scale == 0, eps, scale).to(scale_dtype).float()
-            zero = torch.zeros_like(scale)
-            x = groups / scale.unsqueeze(-1)
-        else:
-            scale = torch.where(high - low == 0, eps, (high - low) / (qmax - qmin)).to(scale_dtype).float()
-            zero = torch.round(torch.clamp(qmin - low / scale, qmin, qmax))
-            x = groups / scale.unsqueeze(-1) + zero.unsqueeze(-1)
-        q = torch.round(torch.clamp(x, qmin, qmax))
-        err = ((q - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - groups).abs().pow(norm).sum(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-    return best_scale, None if symmetric else best_zero
+    on_gpu = triton is not None and groups.is_cuda and groups.dtype == torch.float32
+    grid = scheme.format == "int" and scheme.scale_torch_dtype in SCALE_DTYPES
+    return on_gpu and grid and size & (size - 1) == 0 and size <= 1024
 
 
 def mse_scales_triton(
-    groups: torch.Tensor,
-    lo: torch.Tensor,
-    hi: torch.Tensor,
-    shrink: torch.Tensor,
-    qmin: int,
-    qmax: int,
-    symmetric: bool,
-    norm: float,
-    scale_dtype: torch.dtype,
+    groups: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, shrink: torch.Tensor, scheme: QuantScheme, norm: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale (and zero point, None when ``symmetric``) of each group ``[..., G]`` (float32), given its range
-    ``lo``/``hi`` ``[...]`` and the ratios ``shrink`` ``[S]`` (float32) to try; see the module docstring."""
+    """Scale (and zero point, None for a symmetric grid) of each group ``[..., G]`` (float32), given its range
+    ``lo``/``hi`` ``[...]`` and the ratios ``shrink`` ``[S]`` to try; see the module docstring."""
     size = groups.shape[-1]
     flat = groups.reshape(-1, size).float().contiguous()
     rows = flat.shape[0]
     scale = torch.empty(rows, dtype=torch.float32, device=groups.device)
-    zero = None if symmetric else torch.empty_like(scale)
+    zero = None if scheme.symmetric else torch.empty_like(scale)
     if rows:
         _mse_kernel[(triton.cdiv(rows, BLOCK_G),)](
             flat,
@@ -102,14 +65,14 @@ def mse_scales_triton(
             scale if zero is None else zero,
             rows,
             shrink.numel(),
-            float(qmin),
-            float(qmax),
+            float(scheme.qmin),
+            float(scheme.qmax),
             float(norm),
             torch.finfo(torch.float32).eps,
             G=size,
             BLOCK=BLOCK_G,
-            SYMMETRIC=symmetric,
-            ROUND_BF16=SCALE_DTYPES[scale_dtype] == 1,
+            SYMMETRIC=scheme.symmetric,
+            ROUND_BF16=SCALE_DTYPES[scheme.scale_torch_dtype] == 1,
         )
     shape = groups.shape[:-1]
     return scale.view(shape), None if zero is None else zero.view(shape)

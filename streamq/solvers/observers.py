@@ -141,28 +141,11 @@ def fit_qparams(
     if cfg.observer == "minmax":
         return range_qparams(lo, hi, cfg.scheme, global_scale)
     if cfg.observer == "mse":
-        return _mse_qparams(groups, lo, hi, cfg, global_scale, weight)
+        scheme, shrink = cfg.scheme, mse_ratios(cfg, groups.device, groups.dtype)
+        if global_scale is None and weight is None and mse_scales.supported(groups, scheme):
+            return mse_scales.mse_scales_triton(groups, lo, hi, shrink, scheme, cfg.mse_norm)
+        return mse_search_ref(groups, lo, hi, shrink, scheme, cfg.mse_norm, global_scale, weight)
     raise ValueError(f"unknown observer {cfg.observer!r}")
-
-
-def _mse_qparams(
-    groups: torch.Tensor,
-    lo: torch.Tensor,
-    hi: torch.Tensor,
-    cfg: SolverConfig,
-    gscale: torch.Tensor | None,
-    weight: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``mse_search_ref``'s result; by ``kernels.mse_scales`` (each weight read once) for integer grids on CUDA
-    (float32, no global scale, no per-column weight)."""
-    scheme = cfg.scheme
-    fused = groups.is_cuda and groups.dtype == torch.float32 and gscale is None and weight is None
-    if fused and scheme.format == "int" and mse_scales.supported(groups, scheme.scale_torch_dtype):
-        return mse_scales.mse_scales_triton(
-            groups, lo, hi, mse_ratios(cfg, groups.device), scheme.qmin, scheme.qmax, scheme.symmetric,
-            cfg.mse_norm, scheme.scale_torch_dtype,
-        )  # fmt: skip
-    return mse_search_ref(groups, lo, hi, cfg, gscale, weight)
 
 
 def mse_ratios(cfg: SolverConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -175,27 +158,29 @@ def mse_search_ref(
     groups: torch.Tensor,
     lo: torch.Tensor,
     hi: torch.Tensor,
-    cfg: SolverConfig,
-    gscale: torch.Tensor | None,
+    shrink: torch.Tensor,
+    scheme: QuantScheme,
+    norm: float,
+    gscale: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Shrink the min-max range by each of ``mse_ratios``; keep, per group, the range whose rounding error has the
-    smallest sum of |error|**norm. Ties keep the widest range (the min-max one). Pure torch, every grid: the
-    reference of ``kernels.mse_scales``."""
-    shrink = mse_ratios(cfg, groups.device, groups.dtype)
+    """Shrink the min-max range [lo, hi] of each group by each ratio of ``shrink`` (``mse_ratios``); keep, per
+    group, the range whose rounding error has the smallest sum of |error|**norm. Ties keep the widest range (the
+    min-max one). Pure torch, every grid; ``gscale`` as in ``range_qparams``, ``weight`` each element's weight in the
+    error. With neither, the reference of ``kernels.mse_scales.mse_scales_triton`` (its leading arguments)."""
     steps = shrink.numel()
     cap = _MSE_ELEMENTS_PER_STEP_CPU if groups.device.type == "cpu" else _MSE_ELEMENTS_PER_STEP
     per_step = max(1, cap // max(1, groups.numel()))
     best_err = torch.full_like(lo, float("inf"))
     if gscale is not None:  # shaped before the candidates' leading dimension is added
         gscale = _per_matrix(gscale, lo)
-    best_scale, best_zero = range_qparams(lo, hi, cfg.scheme, gscale)
+    best_scale, best_zero = range_qparams(lo, hi, scheme, gscale)
     for start in range(0, steps, per_step):
         p = shrink[start : start + per_step].view(-1, *([1] * lo.dim()))
-        scale, zero = range_qparams(p * lo, p * hi, cfg.scheme, gscale)
+        scale, zero = range_qparams(p * lo, p * hi, scheme, gscale)
         zero_b = None if zero is None else zero.unsqueeze(-1)
-        deq = dequantize(quantize(groups, scale.unsqueeze(-1), zero_b, cfg.scheme), scale.unsqueeze(-1), zero_b)
-        err = (deq - groups).abs_().pow_(cfg.mse_norm)
+        deq = dequantize(quantize(groups, scale.unsqueeze(-1), zero_b, scheme), scale.unsqueeze(-1), zero_b)
+        err = (deq - groups).abs_().pow_(norm)
         err = (err if weight is None else err.mul_(weight)).sum(-1)
         step_err, step_idx = err.min(dim=0)
         better = step_err < best_err
