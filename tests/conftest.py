@@ -13,9 +13,17 @@ if not torch.cuda.is_available():
 
 from streamq.synth import SynthOptions, write_synthetic_checkpoint
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
 TOKENIZER_DIR = SHARED / "fixtures" / "tokenizers" / "deepseek-v3"
 SHAKESPEARE = SHARED / "fixtures" / "text" / "tinyshakespeare.txt"
+
+
+def streamq_env(**extra: str) -> dict[str, str]:
+    """The environment for a ``python -m streamq`` subprocess: this checkout first on PYTHONPATH, whatever the
+    caller had after it (on the device, compressed-tensors comes from a carried site directory)."""
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def needs_shared(path: Path) -> pytest.MarkDecorator:

@@ -8,7 +8,6 @@ tiny presets, and transformers loads what it wrote.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import streamq_env
 from hf_reference import both_forwards, hf_classes
 
 from streamq.config import ModelConfig
@@ -24,8 +24,6 @@ from streamq.io.safetensors_stream import INDEX_NAME, CheckpointReader
 from streamq.model.deepseek import Gate, forward_blocks, load_block
 from streamq.preflight import check_tensors
 from streamq.synth import SynthOptions, synth_config, write_synthetic_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # The fields that matter, as the released config.json files spell them (shape fields shortened where noted).
 SHAPE = {
@@ -357,9 +355,8 @@ def test_fewer_kimi_experts_keep_one_group() -> None:
 
 
 def streamq(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(
-        [sys.executable, "-m", "streamq", *args], capture_output=True, text=True, env=env, timeout=1200
+        [sys.executable, "-m", "streamq", *args], capture_output=True, text=True, env=streamq_env(), timeout=1200
     )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import streamq_env
 from hf_reference import hf_model
 
 from streamq.config import ModelConfig
@@ -261,11 +261,9 @@ def test_eval_command_prints_labelled_errors_and_no_block_past_the_last(
     tiny_checkpoint: Path, quantized_out: Path
 ) -> None:
     layers = ModelConfig.load(tiny_checkpoint).num_hidden_layers
-    repo = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
     args = ["--num-samples", "2", "--seq-len", "16", "--dtype", "float32", "--device", "cpu", "--display", "plain"]
     cmd = [sys.executable, "-m", "streamq", "eval", str(tiny_checkpoint), str(quantized_out), *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=streamq_env(), timeout=600, check=True)
     printed = done.stdout + done.stderr  # the plain log lines, then the summary
     assert f"block {layers}" not in printed
     assert f"block {layers - 1}: {HEAD_STAGE}" in printed

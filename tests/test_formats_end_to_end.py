@@ -4,24 +4,22 @@ compressed-tensors' own decompressor and transformers on what it wrote."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import streamq_env
 
 from streamq.io.safetensors_stream import CheckpointReader
 
-ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--num-samples", "4", "--seq-len", "32", "--device", "cpu", "--dtype", "float32", "--display", "none"]
 
 
 def streamq_run(model: Path, out: Path, *options: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "streamq", "run", str(model), str(out), *RUN, *options]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    return subprocess.run(cmd, capture_output=True, text=True, env=streamq_env(), timeout=1200)
 
 
 def decompressed(out: Path) -> dict[str, torch.Tensor]:

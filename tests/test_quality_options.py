@@ -4,7 +4,6 @@ group scales. Each is checked against its defining formula, then through the pip
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import streamq_env
 from safetensors.torch import load_file
 
 from streamq.calibrate import Accumulators, Hessians, calibration_pass, expert_down_input, mlp_input
@@ -269,8 +269,7 @@ def streamq_run(model: Path, out: Path, crash: str | None) -> subprocess.Complet
     """``quantize`` with FLOAT_TARGET through `streamq run`, in a process that ``crash`` may kill."""
     args = ["--num-samples", str(DATA.num_samples), "--seq-len", str(DATA.seq_len), "--dtype", "float32"]
     args += ["--bits", "3", "--target", "float", "--device", "cpu", "--token-budget", str(OPTIONS.token_budget)]
-    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "STREAMQ_CRASH_AT": crash or "", "PYTHONPATH": path}
+    env = streamq_env(STREAMQ_CRASH_AT=crash or "")
     command = [sys.executable, "-m", "streamq", "run", str(model), str(out), *args, "--display", "plain"]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 

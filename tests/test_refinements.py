@@ -16,6 +16,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
 
+from conftest import streamq_env
+
 from streamq.errors import StreamqError
 from streamq.recipe import RECIPE_NAME, REFINED, Recipe, default_solver
 from streamq.solvers.code_descent import DescentRun, refine_codes
@@ -26,8 +28,7 @@ from streamq.solvers.rtn import rtn_quantize
 from streamq.solvers.scheme import QuantScheme, SolverConfig
 from streamq.solvers.synthetic import random_problem
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+ENV = streamq_env()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SWEEP_ONLY = replace(default_solver(), scale_candidates=(), code_rounds=0)  # the default's scale search alone
 REFINED_SOLVER = replace(default_solver(), **REFINED)  # the refinements that measured best (recipe.REFINED)

@@ -3,13 +3,13 @@ a terminal emulator (pyte), screen by screen."""
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from pathlib import Path
 
 import pexpect
 import pyte
+from conftest import streamq_env
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS, LINES = 120, 40
@@ -17,12 +17,8 @@ COLUMNS, LINES = 120, 40
 
 def run_in_terminal(model: Path, out: Path, *args: str) -> tuple[list[str], str, int]:
     """Every distinct screen the run drew (as text), the last one, and the exit status."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "TERM": "xterm-256color",
-        "STREAMQ_DISPLAY_STRICT": "1",  # a renderer error fails the run (and this test) instead of a note
-    }
+    # STREAMQ_DISPLAY_STRICT: a renderer error fails the run (and this test) instead of a note.
+    env = streamq_env(TERM="xterm-256color", STREAMQ_DISPLAY_STRICT="1")
     for name in ("COLUMNS", "LINES", "NO_COLOR"):
         env.pop(name, None)
     command = [

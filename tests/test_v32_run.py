@@ -10,7 +10,6 @@ selection may differ at near ties)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import streamq_env
 
 from streamq.config import ModelConfig
 from streamq.errors import StreamqError
@@ -28,15 +28,13 @@ from streamq.preflight import check_tensors
 from streamq.recipe import Recipe
 from streamq.synth import SynthOptions, synth_config, write_synthetic_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 INDEXER_LINEAR_NAMES = ("wq_b", "wk", "weights_proj")
 RUN = ("--num-samples", "4", "--seq-len", "32", "--device", "cpu", "--dtype", "float32", "--display", "plain")
 
 
 def streamq(*args: str) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, "-m", "streamq", *args], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-m", "streamq", *args], capture_output=True, text=True, env=streamq_env(), timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -55,19 +55,30 @@ def gptq_block_ref(
     babai: bool,
 ) -> None:
     """Pure-torch sweep with the kernel's signature (any float dtype; the solver's CPU path)."""
-    v = work.clone()
-    for j in range(work.shape[-1]):
-        g = gidx[:, j].long().view(-1, 1, 1).expand(-1, scale.shape[1], 1)
-        s = scale.gather(2, g).squeeze(2)
-        z = None if zero is None else zero.gather(2, g).squeeze(2)
-        scaled = v[..., j] / s if z is None else v[..., j] / s + z
+    # Column-major working copies: each step reads one column and updates the columns after it, which is
+    # contiguous memory this way round (the arithmetic, and so every bit of the result, is the same).
+    experts, rows, cols = work.shape
+    g = gidx.long().unsqueeze(1).expand(experts, rows, cols)
+    s_cols = scale.gather(2, g).transpose(1, 2).contiguous()
+    z_cols = None if zero is None else zero.gather(2, g).transpose(1, 2).contiguous()
+    v = work.transpose(1, 2).contiguous()
+    d_cols = orig.transpose(1, 2).contiguous()
+    c_cols = torch.empty_like(v, dtype=codes.dtype)
+    m_cols = m.unsqueeze(-1)
+    for j in range(cols):
+        s = s_cols[:, j]
+        z = None if z_cols is None else z_cols[:, j]
+        scaled = v[:, j] / s if z is None else v[:, j] / s + z
         q = grid.round(scaled)
         deq = (q if z is None else q - z) * s
-        d = orig[..., j] - deq if babai else deq - v[..., j]
-        v[..., j + 1 :] += d.unsqueeze(-1) * m[:, j, j + 1 :].unsqueeze(1)
-        orig[..., j] = d
-        work[..., j] = deq
-        codes[..., j] = (q / grid.unit).to(codes.dtype)
+        d = d_cols[:, j] - deq if babai else deq - v[:, j]
+        v[:, j + 1 :] += d.unsqueeze(1) * m_cols[:, j, j + 1 :]
+        d_cols[:, j] = d
+        v[:, j] = deq
+        c_cols[:, j] = (q / grid.unit).to(codes.dtype)
+    work.copy_(v.transpose(1, 2))
+    orig.copy_(d_cols.transpose(1, 2))
+    codes.copy_(c_cols.transpose(1, 2))
 
 
 def gptq_block_triton(
