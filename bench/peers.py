@@ -232,7 +232,7 @@ def run_streamq(args: argparse.Namespace, recipe: PeerRecipe, tool: Tool, seed: 
         solver=replace(base, scheme=QuantScheme(bits=recipe.bits, group_size=128)),
         data=calibration_config(args, seed),
         # Spelled-out variants refine every Linear unless they say otherwise, as before ``refine`` existed.
-        **{**({} if tool.variant == "default" else {"refine": "all"}), **overrides.get("recipe", {})},
+        **({} if tool.variant == "default" else {"refine": "all", **overrides.get("recipe", {})}),
     )
     ckpt = args.work / "streamq-out" / out.stem
     start = time.perf_counter()

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 from streamq.kernels.mse_scales import mse_scales_triton
 from streamq.recipe import default_solver
-from streamq.solvers.observers import fit_qparams, group_view, mse_ratios, mse_search_ref
+from streamq.solvers.observers import dequantize, fit_qparams, group_view, mse_ratios, mse_search_ref, quantize
 from streamq.solvers.scheme import QuantScheme
 
 CASES = [
@@ -48,10 +48,9 @@ def arguments(groups: torch.Tensor, scheme: QuantScheme) -> tuple:
 def group_errors(
     groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme, norm: float
 ):
-    """sum |deq - w| ** norm per group, in float64."""
-    z = torch.zeros_like(scale) if zero is None else zero
-    q = torch.round(torch.clamp(groups / scale.unsqueeze(-1) + z.unsqueeze(-1), scheme.qmin, scheme.qmax))
-    return ((q - z.unsqueeze(-1)) * scale.unsqueeze(-1) - groups).double().abs().pow(norm).sum(-1)
+    """sum |deq - w| ** norm per group, in float64 (the observer's quantize and dequantize)."""
+    s, z = scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1)
+    return (dequantize(quantize(groups, s, z, scheme), s, z) - groups).double().abs().pow(norm).sum(-1)
 
 
 @pytest.mark.parametrize("scheme", CASES, ids=IDS)
