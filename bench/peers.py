@@ -115,6 +115,8 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "sc2-cd1": {"solver": {**_MSE_FINE, "scale_candidates": (0.95, 1.03), "code_rounds": 1}},
     # Six candidates and two rounds on the down projections alone (the default since issue 13's third round).
     "down6": {"solver": {**_MSE_FINE, **DOWN_REFINED}, "recipe": {"refine": "down"}},
+    # down6 with the code descent's output errors across each down projection's column space weighted 0.4.
+    "down6-ow4": {"solver": {**_MSE_FINE, **DOWN_REFINED, "outside_weight": 0.4}, "recipe": {"refine": "down"}},
     "down8": {
         "solver": {**_MSE_FINE, "scale_candidates": (0.85, 0.88, 0.91, 0.94, 0.97, 1.03, 1.06, 1.09), "code_rounds": 2},
         "recipe": {"refine": "down"},

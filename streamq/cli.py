@@ -134,6 +134,12 @@ def run(
         str | None,
         typer.Option(help="Where the scale candidates and code descent apply: down (projections, default) or all."),
     ] = None,
+    outside_weight: Annotated[
+        float | None,
+        typer.Option(
+            help="Code descent: weight of output errors across a matrix's column space, 1 along it (default 1)."
+        ),
+    ] = None,
     target: Annotated[
         str | None, typer.Option(help="float: experts match the unquantized model's output (GPTAQ); layer: GPTQ.")
     ] = None,
@@ -234,6 +240,7 @@ def _recipe_from_options(p: dict[str, Any]) -> Recipe:
             scale_rounds=p["scale_rounds"],
             code_rounds=p["code_rounds"],
             scale_candidates=_multipliers(p["scale_candidates"]),
+            outside_weight=p["outside_weight"],
         ),
         top={k: p[k] for k in _RECIPE_OPTIONS},
         schemes=_scheme_options(p["scheme"] or []),

@@ -92,8 +92,8 @@ class Plan:
         return out
 
 
-# Solver fields written to the recipe only when set (see Recipe.to_dict).
-_SOLVER_OPTIONAL = ("code_rounds", "scale_candidates")
+# Solver fields written to the recipe only when not at these values (see Recipe.to_dict).
+_SOLVER_OPTIONAL = {"code_rounds": 0, "scale_candidates": (), "outside_weight": 1.0}
 
 
 def default_solver() -> SolverConfig:
@@ -226,6 +226,11 @@ class Recipe:
         if any(not (0 < m < 2) or m == 1 for m in candidates):
             listed = ",".join(f"{m:g}" for m in candidates)
             raise StreamqError(f"--scale-candidates {listed}: each must be in (0, 2) and not 1 (the scales as fitted)")
+        weight = self.solver.outside_weight
+        if not 0 < weight <= 1:
+            raise StreamqError(f"--outside-weight must be in (0, 1], not {weight:g}")
+        if weight < 1 and not rounds:
+            raise StreamqError("--outside-weight weighs the code descent's objective: add --code-rounds 1 or more")
 
     @property
     def scheme(self) -> QuantScheme:
@@ -240,8 +245,8 @@ class Recipe:
             del d["source_experts"]
         if self.refine == "all":
             del d["refine"]
-        for name in _SOLVER_OPTIONAL:  # off: not serialised, so recipes from before these options keep their digest
-            if not d["solver"][name]:
+        for name, off in _SOLVER_OPTIONAL.items():  # off: not serialised, so older recipes keep their digest
+            if d["solver"][name] == off:
                 del d["solver"][name]
         return d
 
@@ -314,6 +319,8 @@ def _refinements(solver: SolverConfig, refine: Refine) -> list[str]:
     rounds = solver.code_rounds
     if rounds != default.code_rounds:
         parts.append(f"code descent ×{rounds}" if rounds else "no code descent")
+    if solver.outside_weight != default.outside_weight:
+        parts.append(f"errors across W's span ×{solver.outside_weight:g}")
     if solver.scale_candidates or rounds:
         parts.append("every Linear refined" if refine == "all" else "down projections refined")
     return parts

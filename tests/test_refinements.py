@@ -136,6 +136,9 @@ def test_scale_candidates_keep_each_rows_best_complete_sweep() -> None:
         (SolverConfig(code_rounds=-1), "--code-rounds must be >= 0"),
         (SolverConfig(scale_candidates=(1.0,)), "not 1"),
         (SolverConfig(scale_candidates=(0.0,)), r"in \(0, 2\)"),
+        (SolverConfig(code_rounds=2, outside_weight=0.0), r"--outside-weight must be in \(0, 1\], not 0"),
+        (SolverConfig(code_rounds=2, outside_weight=1.5), r"--outside-weight must be in \(0, 1\], not 1.5"),
+        (SolverConfig(outside_weight=0.4), "add --code-rounds 1 or more"),
     ],
 )
 def test_bad_refinements_are_refused_with_the_fix(solver: SolverConfig, message: str) -> None:
@@ -256,3 +259,102 @@ def first_moe_layer_codes(out: Path, layer: int) -> dict[str, torch.Tensor]:
                 if name.startswith(f"model.layers.{layer}.mlp.experts."):
                     found[name] = f.get_tensor(name)
     return found
+
+
+# -- the output-weighted descent (code_descent.OutputMetric) --------------------------------------------------------
+
+
+def output_metric(w: torch.Tensor, beta: float) -> torch.Tensor:
+    """F = P + β (I - P) [E, out, out], P the projector on W's column space, from the pseudo-inverse (float64)."""
+    w = w.double()
+    p = w @ torch.linalg.pinv(w)
+    return p + beta * (torch.eye(w.shape[1], dtype=torch.float64) - p)
+
+
+def weighted_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """[E] tr(D H Dᵀ F), D = W - Ŵ, in float64."""
+    d = (w - wq).double()
+    return ((f @ d @ h.double()) * d).sum((-2, -1))
+
+
+def test_the_weighted_descent_is_its_column_by_column_definition() -> None:
+    """With one-column leaves nothing is deferred: each column's rows move at once to the grid value nearest the
+    vertex ŵ + (F D H)_ij / (F_ii H_jj) of the weighted error, F from the pseudo-inverse, the gradient
+    recomputed from scratch (the textbook loop)."""
+    w, h = random_problem(2, 40, 24, seed=6)
+    h = h + 0.01 * h.diagonal(dim1=-2, dim2=-1).mean() * torch.eye(24)
+    scheme = QuantScheme(bits=3, group_size=0)
+    start = rtn_quantize(w, SolverConfig(scheme=scheme))
+    run = DescentRun(widths=(8, 1))
+    codes, weight = refine_codes(w, h, start.q, start.scale, None, None, scheme, 1, run, outside_weight=0.3)
+    scale = column_params(start.scale, 0, None, 24)
+    f = output_metric(w, 0.3)
+    values = start.q.float()
+    for j in range(24):
+        grad = f @ (w - dequantize(values, scale, None)).double() @ h.double()
+        diag_f = f.diagonal(dim1=-2, dim2=-1)
+        vertex = values[..., j] * scale[..., j] + (grad[..., j] / (diag_f * h[:, j, j, None].double())).float()
+        values[..., j] = quantize(vertex, scale[..., j], None, scheme)
+    # The Gram-Cholesky projector and the pseudo-inverse's agree to float32 rounding: a near tie may flip.
+    assert (codes.float() != values).float().mean() <= 0.005
+    assert not torch.equal(codes, start.q)
+    expected = weighted_error(w, dequantize(values, scale, None), h, f)
+    torch.testing.assert_close(weighted_error(w, weight, h, f), expected, rtol=1e-4, atol=0)
+
+
+def test_the_weighted_descent_lowers_its_own_objective_and_leaves_wide_matrices_alone() -> None:
+    """On down-shaped matrices (more rows than columns) two weighted rounds end below both GPTQ's sweep and two
+    plain rounds in the weighted error; on wide ones (gate/up: P = I) the weight changes no code."""
+    tall_w, tall_h = random_problem(3, 96, 48, seed=7)
+    cfg = replace(SWEEP_ONLY, scheme=QuantScheme(bits=3, group_size=0))
+    settings = ((0, 1.0), (2, 1.0), (2, 0.4))  # (code rounds, outside weight)
+    sweep, plain, weighted = (
+        gptq_quantize(tall_w, tall_h, replace(cfg, code_rounds=r, outside_weight=b)) for r, b in settings
+    )
+    damped = damped_hessians(tall_h, prepare_hessians(tall_h, cfg), cfg)
+    f = output_metric(tall_w, 0.4)
+    errors = [weighted_error(tall_w, r.weight, damped, f) for r in (sweep, plain, weighted)]
+    assert (errors[2] < errors[0]).all() and (errors[2] < errors[1]).all(), errors
+    # ... at the price of GPTQ's own (unweighted) objective, which the plain rounds descend.
+    assert (
+        output_error(tall_w, plain.weight, damped).sum(-1) <= output_error(tall_w, weighted.weight, damped).sum(-1)
+    ).all()
+    assert torch.equal(weighted.scale, sweep.scale)  # the grid stays as fitted
+    wide_w, wide_h = random_problem(2, 32, 64, seed=8)
+    one, other = (gptq_quantize(wide_w, wide_h, replace(cfg, code_rounds=2, outside_weight=b)) for b in (1.0, 0.4))
+    assert torch.equal(one.q, other.q)
+
+
+def test_the_kernels_weighted_descent_is_the_references() -> None:
+    w, h = random_problem(2, 96, 48, seed=9, device=DEVICE)
+    cfg = SolverConfig(scheme=QuantScheme(bits=3, group_size=16))
+    start = gptq_quantize(w, h, cfg)
+    runs = [DescentRun(widths=(32, 8), use_triton=use, block_r=32) for use in (True, False)]
+    (tri, tri_w), (ref, ref_w) = [
+        refine_codes(w, h, start.q, start.scale, None, None, cfg.scheme, 2, r, outside_weight=0.4) for r in runs
+    ]
+    assert (tri != ref).float().mean() <= 0.01  # float sums in another order may flip a near tie
+    assert not torch.equal(ref, start.q)
+    f = output_metric(w.cpu(), 0.4)
+    torch.testing.assert_close(weighted_error(w.cpu(), tri_w.cpu(), h.cpu(), f).sum(),
+                               weighted_error(w.cpu(), ref_w.cpu(), h.cpu(), f).sum(), rtol=1e-3, atol=0)  # fmt: skip
+
+
+def test_the_outside_weight_is_written_only_when_set_and_reaches_the_run(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Off (1): no trace in the recipe file, so older recipes keep their digest; `streamq run --outside-weight 0.4`
+    writes it, names it in the recipe line, and finishes; 0 is refused in one line before OUT exists."""
+    assert "outside_weight" not in Recipe().to_dict()["solver"]
+    on = Recipe(solver=replace(default_solver(), outside_weight=0.4))
+    assert Recipe.from_dict(json.loads(json.dumps(on.to_dict()))) == on and on.digest() != Recipe().digest()
+    args = ["--num-samples", "4", "--seq-len", "32", "--dtype", "float32", "--device", "cpu", "--display", "plain"]
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "streamq", "run", str(tiny_checkpoint), str(out), *args, "--outside-weight", "0.4"]
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / RECIPE_NAME).read_text())["solver"]["outside_weight"] == 0.4
+    assert "errors across W's span ×0.4" in done.stdout + done.stderr
+    bad = tmp_path / "bad"
+    command = [sys.executable, "-m", "streamq", "run", str(tiny_checkpoint), str(bad), *args, "--outside-weight", "0"]
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip() == "error: --outside-weight must be in (0, 1], not 0"
+    assert not bad.exists()

@@ -16,6 +16,15 @@ from scratch; rows are independent, so every step is batched over rows and exper
 
 H is the Hessian GPTQ solved with (damped alike, natural column order), so the refinement minimises the sweep's
 objective.
+
+``outside_weight`` β < 1 weighs the output error by direction: tr(D H Dᵀ F), F = P + β (I - P), P the projector on
+the column space of W (the directions the matrix writes). On the trained fixture a down projection's error along
+those directions costs the held-out KL ~2× as much per unit of energy as its error across them (bench/RESULTS.md,
+"Which errors the KL feels"); only a matrix with more rows than columns has an "across". F couples the rows: the
+vertex of code (i, j) is ŵ_ij + (F D H)_ij / (F_ii H_jj). Inside a leaf of the sweep the kernel applies F's
+diagonal, the row's own change (F_ii cancels), so exactly today's update; between panels the changes pass on as
+F̃ d, F̃ = diag(F)⁻¹ F, so the other rows see them at the next panel (Jacobi over rows within a leaf, as the rows
+of a column already are). P d = W (WᵀW)⁻¹ Wᵀ d: one Cholesky of the Gram matrix per matrix, no SVD.
 """
 
 from __future__ import annotations
@@ -49,15 +58,18 @@ def refine_codes(
     scheme: QuantScheme,
     rounds: int,
     run: DescentRun | None = None,
+    outside_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``rounds`` rounds of coordinate descent; returns the new int8 codes and dequantized weights (float32),
     both ``[E, out, in]``.
 
     ``w`` [E, out, in] target weights, ``h`` [E, in, in] (positive diagonal), ``codes`` the int8 codes in natural
-    order (multiples of the grid's unit), ``scale`` / ``zero`` [E, out, groups], ``g_idx`` [E, in] or None."""
+    order (multiples of the grid's unit), ``scale`` / ``zero`` [E, out, groups], ``g_idx`` [E, in] or None;
+    ``outside_weight`` β: see the module docstring (1, or a matrix with no more rows than columns: plain)."""
     run = run or DescentRun()
-    experts, _, n = w.shape
+    experts, out, n = w.shape
     h, w = h.float(), w.float()
+    weigh = OutputMetric(w, outside_weight) if outside_weight < 1 and out > n else None
     gs = scheme.group_size
     deq = dequantize(
         codes.float() * scheme.grid.unit,
@@ -69,9 +81,10 @@ def refine_codes(
     gidx = _column_groups(g_idx, gs, experts, n, w.device)
     codes = codes.clone()
     for _ in range(rounds):
-        work = deq + torch.bmm(w - deq, h) / diag  # each column's vertex given all the others
+        residual = w - deq if weigh is None else weigh(w - deq)
+        work = deq + torch.bmm(residual, h) / diag  # each column's vertex given all the others
         orig = deq
-        _sweep_panel(work, orig, feedback, scale.float(), zero, gidx, codes, scheme, run, 0, n, 0)
+        _sweep_panel(work, orig, feedback, scale.float(), zero, gidx, codes, scheme, run, 0, n, 0, weigh)
         deq = work  # the sweep left the new dequantized weights in ``work`` (and d in ``orig``)
     return codes, deq
 
@@ -89,8 +102,10 @@ def _sweep_panel(
     lo: int,
     hi: int,
     level: int,
+    weigh: OutputMetric | None = None,
 ) -> None:
-    """Columns [lo, hi) in sub-panels of ``run.widths[level]``, each passing its changes to the rest at once."""
+    """Columns [lo, hi) in sub-panels of ``run.widths[level]``, each passing its changes to the rest at once (as
+    F̃ d with an output metric ``weigh``)."""
     width = run.widths[level]
     for a in range(lo, hi, width):
         b = min(a + width, hi)
@@ -102,9 +117,10 @@ def _sweep_panel(
                 grid, babai=True, use_triton=run.use_triton, block_r=run.block_r,
             )  # fmt: skip
         else:
-            _sweep_panel(work, orig, feedback, scale, zero, gidx, codes, scheme, run, a, b, level + 1)
+            _sweep_panel(work, orig, feedback, scale, zero, gidx, codes, scheme, run, a, b, level + 1, weigh)
         if b < hi:
-            work[:, :, b:hi].baddbmm_(orig[:, :, a:b], feedback[:, a:b, b:hi])
+            changes = orig[:, :, a:b] if weigh is None else weigh(orig[:, :, a:b])
+            work[:, :, b:hi].baddbmm_(changes, feedback[:, a:b, b:hi])
 
 
 def _column_groups(
@@ -116,3 +132,23 @@ def _column_groups(
     columns = torch.arange(n, device=device)
     groups = torch.zeros_like(columns) if group_size == 0 else columns // group_size
     return groups.to(torch.int32).expand(experts, n)
+
+
+class OutputMetric:
+    """d ↦ diag(F)⁻¹ F d for F = P + β (I - P), P the projector on the column space of ``w`` [E, out, in] (out >
+    in): the output-space weighting of the module docstring, applied to [E, out, k] row changes or residuals."""
+
+    def __init__(self, w: torch.Tensor, outside_weight: float) -> None:
+        gram = w.transpose(1, 2) @ w
+        # A tiny ridge keeps the Gram matrix of a matrix with zeroed (dead) columns factorable; P then projects on
+        # the span of the others.
+        ridge = 1e-6 * gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+        gram.diagonal(dim1=-2, dim2=-1).add_(ridge.unsqueeze(-1))
+        self.w, self.beta = w, outside_weight
+        self.factor = torch.linalg.cholesky(gram)
+        inside = (w * torch.cholesky_solve(w.transpose(1, 2), self.factor).transpose(1, 2)).sum(-1)  # diag P
+        self.diag = (outside_weight + (1 - outside_weight) * inside).unsqueeze(-1)  # [E, out, 1]
+
+    def __call__(self, d: torch.Tensor) -> torch.Tensor:
+        inside = self.w @ torch.cholesky_solve(self.w.transpose(1, 2) @ d, self.factor)
+        return (self.beta * d + (1 - self.beta) * inside) / self.diag

@@ -98,7 +98,8 @@ def gptq_quantize(
     use_triton = _use_triton(options.backend, w3)
     experts, out, n = w3.shape
     refined = bool(cfg.code_rounds or (cfg.scale_candidates and candidates_apply(cfg)))
-    step = experts_per_chunk(out, n, _memory_budget(options, w3.device), options.factor.form, refined)
+    weighted = bool(cfg.code_rounds) and cfg.outside_weight < 1 and out > n
+    step = experts_per_chunk(out, n, _memory_budget(options, w3.device), options.factor.form, refined, weighted)
     result: QuantResult | None = None
     for lo in range(0, experts, step):
         part = _solve_chunk(w3[lo : lo + step], h3[lo : lo + step], cfg, options, use_triton)
@@ -107,15 +108,21 @@ def gptq_quantize(
     return result if batched else replace(result.entry(0), fallbacks=result.fallbacks)
 
 
-def experts_per_chunk(out: int, n: int, budget: int, form: FactorForm = "cholesky", refined: bool = False) -> int:
+def experts_per_chunk(
+    out: int, n: int, budget: int, form: FactorForm = "cholesky", refined: bool = False, weighted: bool = False
+) -> int:
     """How many experts one chunk holds: per expert the n x n float32 factor, its finiteness mask and, for
     the classic form, its inverse; ~5 float32 copies of W (working, original, codes, dequantized, output);
     plus the transient copies of one Hessian and the Cholesky panels. ``refined`` (scale candidates, code
     descent): two more n x n float32 matrices (the damped Hessian, the descent's feedback) and ~6 copies of W
-    (a second result, the target, the descent's vertices, values and products)."""
+    (a second result, the target, the descent's vertices, values and products). ``weighted`` (an output metric
+    for the descent): its Gram factor and Gram product, and two more copies of W (the weighted residual and the
+    projection)."""
     per_expert = (9 if form == "inverse" else 5) * n * n + 20 * out * n
     if refined:
         per_expert += 8 * n * n + 24 * out * n
+    if weighted:
+        per_expert += 8 * n * n + 8 * out * n
     transient = 16 * n * n
     return max(1, (budget - transient) // per_expert)
 
@@ -198,7 +205,7 @@ def _descend_codes(
     with tf32_matmuls(options.tf32 and w.is_cuda):
         codes, weight = refine_codes(
             _target_weights(w, prep), damped, result.q, result.scale, zero, result.g_idx, cfg.scheme,
-            cfg.code_rounds, run,
+            cfg.code_rounds, run, cfg.outside_weight,
         )  # fmt: skip
     fallbacks = Counter(result.fallbacks)
     return make_result(codes, result.scale, zero, result.g_idx, cfg, w.dtype, fallbacks, weight, result.global_scale)

@@ -160,6 +160,9 @@ class SolverConfig:
     # Multipliers of the observer's group scales, each swept by GPTQ; each output row keeps the sweep whose output
     # error is smallest. Integer grids with static groups only; other solves ignore them. Empty: one sweep.
     scale_candidates: tuple[float, ...] = ()
+    # β < 1: the code descent weighs an output error across the matrix's column space β and along it 1 (the
+    # directions a down projection writes matter more to what follows; solvers/code_descent.py). 1: GPTQ's objective.
+    outside_weight: float = 1.0
 
 
 @dataclass
