@@ -24,7 +24,8 @@ those directions costs the held-out KL ~2× as much per unit of energy as its er
 vertex of code (i, j) is ŵ_ij + (F D H)_ij / (F_ii H_jj). Inside a leaf of the sweep the kernel applies F's
 diagonal, the row's own change (F_ii cancels), so exactly today's update; between panels the changes pass on as
 F̃ d, F̃ = diag(F)⁻¹ F, so the other rows see them at the next panel (Jacobi over rows within a leaf, as the rows
-of a column already are). P d = W (WᵀW)⁻¹ Wᵀ d: one Cholesky of the Gram matrix per matrix, no SVD.
+of a column already are). P d = Q Qᵀ d with Q = W L⁻ᵀ an orthonormal basis of the span (WᵀW = L Lᵀ, one Cholesky
+per matrix, no SVD).
 """
 
 from __future__ import annotations
@@ -144,11 +145,15 @@ class OutputMetric:
         # the span of the others.
         ridge = 1e-6 * gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
         gram.diagonal(dim1=-2, dim2=-1).add_(ridge.unsqueeze(-1))
-        self.w, self.beta = w, outside_weight
-        self.factor = torch.linalg.cholesky(gram)
-        inside = (w * torch.cholesky_solve(w.transpose(1, 2), self.factor).transpose(1, 2)).sum(-1)  # diag P
+        lower = torch.linalg.cholesky(gram)
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device).expand_as(gram)
+        # An orthonormal basis of the span, Q = W L⁻ᵀ (QᵀQ = I for WᵀW = LLᵀ), so that P d = Q Qᵀ d is two matrix
+        # products per panel: triangular solves there cost more than the descent itself on a GPU.
+        self.basis = w @ torch.linalg.solve_triangular(lower, eye, upper=False).transpose(1, 2)
+        self.beta = outside_weight
+        inside = self.basis.square().sum(-1)  # diag P
         self.diag = (outside_weight + (1 - outside_weight) * inside).unsqueeze(-1)  # [E, out, 1]
 
     def __call__(self, d: torch.Tensor) -> torch.Tensor:
-        inside = self.w @ torch.cholesky_solve(self.w.transpose(1, 2) @ d, self.factor)
+        inside = self.basis @ (self.basis.transpose(1, 2) @ d)
         return (self.beta * d + (1 - self.beta) * inside) / self.diag

@@ -116,13 +116,13 @@ def experts_per_chunk(
     plus the transient copies of one Hessian and the Cholesky panels. ``refined`` (scale candidates, code
     descent): two more n x n float32 matrices (the damped Hessian, the descent's feedback) and ~6 copies of W
     (a second result, the target, the descent's vertices, values and products). ``weighted`` (an output metric
-    for the descent): its Gram factor and Gram product, and two more copies of W (the weighted residual and the
-    projection)."""
+    for the descent): the Gram matrix, its factor and the factor's inverse, and three more copies of W (the span's
+    orthonormal basis, the weighted residual and the projection)."""
     per_expert = (9 if form == "inverse" else 5) * n * n + 20 * out * n
     if refined:
         per_expert += 8 * n * n + 24 * out * n
     if weighted:
-        per_expert += 8 * n * n + 8 * out * n
+        per_expert += 12 * n * n + 12 * out * n
     transient = 16 * n * n
     return max(1, (budget - transient) // per_expert)
 
