@@ -160,6 +160,11 @@ class Recipe:
         _one_of("refine", self.refine, ("all", "down"))
         if not (self.solver.scale_candidates or self.solver.code_rounds):
             object.__setattr__(self, "refine", "all")  # nothing to apply: one canonical form, one digest
+        if not 0 < self.solver.outside_weight <= 1:
+            raise StreamqError(f"--outside-weight must be in (0, 1], not {self.solver.outside_weight:g}")
+        if not self.solver.code_rounds and self.solver.outside_weight != 1:
+            # It weighs the descent's objective: without rounds it changes nothing (so, like refine, one form).
+            object.__setattr__(self, "solver", dataclasses.replace(self.solver, outside_weight=1.0))
         _one_of("actorder", self.solver.actorder, ("none", "weight"))
         _one_of("observer", self.solver.observer, ("minmax", "mse"))
         if self.min_tokens < 0:
@@ -226,11 +231,6 @@ class Recipe:
         if any(not (0 < m < 2) or m == 1 for m in candidates):
             listed = ",".join(f"{m:g}" for m in candidates)
             raise StreamqError(f"--scale-candidates {listed}: each must be in (0, 2) and not 1 (the scales as fitted)")
-        weight = self.solver.outside_weight
-        if not 0 < weight <= 1:
-            raise StreamqError(f"--outside-weight must be in (0, 1], not {weight:g}")
-        if weight < 1 and not rounds:
-            raise StreamqError("--outside-weight weighs the code descent's objective: add --code-rounds 1 or more")
 
     @property
     def scheme(self) -> QuantScheme:

@@ -138,7 +138,7 @@ def test_scale_candidates_keep_each_rows_best_complete_sweep() -> None:
         (SolverConfig(scale_candidates=(0.0,)), r"in \(0, 2\)"),
         (SolverConfig(code_rounds=2, outside_weight=0.0), r"--outside-weight must be in \(0, 1\], not 0"),
         (SolverConfig(code_rounds=2, outside_weight=1.5), r"--outside-weight must be in \(0, 1\], not 1.5"),
-        (SolverConfig(outside_weight=0.4), "add --code-rounds 1 or more"),
+        (SolverConfig(outside_weight=-1.0), r"--outside-weight must be in \(0, 1\], not -1"),
     ],
 )
 def test_bad_refinements_are_refused_with_the_fix(solver: SolverConfig, message: str) -> None:
@@ -344,6 +344,9 @@ def test_the_outside_weight_is_written_only_when_set_and_reaches_the_run(tiny_ch
     """Off (1): no trace in the recipe file, so older recipes keep their digest; `streamq run --outside-weight 0.4`
     writes it, names it in the recipe line, and finishes; 0 is refused in one line before OUT exists."""
     assert "outside_weight" not in Recipe().to_dict()["solver"]
+    # Without code descent it weighs nothing: the recipe drops it (one form, one digest).
+    idle = Recipe(solver=replace(default_solver(), code_rounds=0, outside_weight=0.4))
+    assert idle.solver.outside_weight == 1.0 and "outside_weight" not in idle.to_dict()["solver"]
     on = Recipe(solver=replace(default_solver(), outside_weight=0.4))
     assert Recipe.from_dict(json.loads(json.dumps(on.to_dict()))) == on and on.digest() != Recipe().digest()
     args = ["--num-samples", "4", "--seq-len", "32", "--dtype", "float32", "--device", "cpu", "--display", "plain"]
