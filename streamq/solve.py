@@ -57,7 +57,8 @@ class Solver:
     """What solving needs of the run: the block's modules, the solver's config and options, and where to say so
     when a matrix needed a fallback. ``schemes``: each family's grid (a mixed recipe's plan), where it is not
     ``config``'s. ``refine``: "down" keeps ``config``'s refinements after the sweep (scale candidates, code
-    descent) for the down projections and solves every other group without them (recipe.Recipe.refine)."""
+    descent) for the down projections and solves every other group without them (recipe.Recipe.refine). The
+    descent's ``outside_weight`` applies to down projections only."""
 
     modules: dict[str, nn.Module]
     config: SolverConfig
@@ -74,6 +75,10 @@ class Solver:
             config = replace(config, scheme=scheme)
         if self.refine == "down" and group.role is not Role.DOWN:
             config = replace(config, scale_candidates=(), code_rounds=0)
+        if group.role is not Role.DOWN and config.outside_weight != 1:
+            # The weight is for what a down projection writes into the residual stream; stacked gate/up rows, or
+            # an attention projection, have no such measured case.
+            config = replace(config, outside_weight=1.0)
         return config
 
     def solve(

@@ -361,3 +361,22 @@ def test_the_outside_weight_is_written_only_when_set_and_reaches_the_run(tiny_ch
     done = subprocess.run(command, env=ENV, capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.strip() == "error: --outside-weight must be in (0, 1], not 0"
     assert not bad.exists()
+
+
+@pytest.mark.parametrize("refine", ["down", "all"])
+def test_the_outside_weight_reaches_the_down_projections_only(refine: str) -> None:
+    """Stacked gate/up rows (which may outnumber their columns in a small model) and attention are solved with
+    GPTQ's own objective; the down projections with the weight, under either refine."""
+    from streamq.groups import LinearGroup, Role
+    from streamq.solve import Solver
+    from streamq.solvers.gptq import SolveOptions
+
+    config = replace(default_solver(), outside_weight=0.4)
+    solver = Solver({}, config, SolveOptions(), batch=8, on_fallback=lambda *_: None, refine=refine)
+    down = LinearGroup("mlp.experts.0.down_proj", ("mlp.experts.0.down_proj",), Role.DOWN, expert=0)
+    members = ("mlp.experts.0.gate_proj", "mlp.experts.0.up_proj")
+    gate_up = LinearGroup("mlp.experts.0.gate_up", members, Role.MLP_INPUT, expert=0)
+    o_proj = LinearGroup("self_attn.o_proj", ("self_attn.o_proj",), Role.O_PROJ)
+    assert solver.config_for(down).outside_weight == 0.4
+    assert solver.config_for(gate_up).outside_weight == 1.0 and solver.config_for(o_proj).outside_weight == 1.0
+    assert (solver.config_for(gate_up).code_rounds > 0) == (refine == "all")
