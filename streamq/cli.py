@@ -137,7 +137,7 @@ def run(
     outside_weight: Annotated[
         float | None,
         typer.Option(
-            help="Code descent: weight of output errors across a matrix's column space, 1 along it (default 1)."
+            help="Code descent: weight of a down projection's output errors across its column space (default 0.4)."
         ),
     ] = None,
     target: Annotated[

@@ -104,9 +104,12 @@ def default_solver() -> SolverConfig:
     (``Recipe.refine`` "down") applies to the down projections alone: they carry ~90% of an expert's output error
     on the trained fixture, and at DeepSeek-V3 width they are the cheap matrices (2048 columns against gate/up's
     7168), so the refinement costs a fraction of refining every Linear for most of its gain (bench/RESULTS.md,
-    "Refinements where the error is"). ``--observer absmax --scale-candidates none --code-rounds 0`` is the
-    default before issue 13, byte for byte."""
-    return SolverConfig(observer="mse", mse_grid=100, mse_max_shrink=0.2, **DOWN_REFINED)
+    "Refinements where the error is"). The descent weighs a down projection's output errors across its column space
+    0.4 and along it 1 (``outside_weight``): those along it cost the held-out KL ~2× more (bench/RESULTS.md, "Which
+    errors the KL feels"; lower KL at W4 and W3 on both splits, ~1 s per MoE block at V3 width). ``--outside-weight
+    1`` is the default before that; ``--observer absmax --scale-candidates none --code-rounds 0`` the default
+    before issue 13, byte for byte."""
+    return SolverConfig(observer="mse", mse_grid=100, mse_max_shrink=0.2, **DOWN_REFINED, outside_weight=0.4)
 
 
 # The refinements after the sweep that measured best on the trained fixture (bench/RESULTS.md, issue 13): REFINED
