@@ -70,7 +70,7 @@ def refine_codes(
     run = run or DescentRun()
     experts, out, n = w.shape
     h, w = h.float(), w.float()
-    weigh = OutputMetric(w, outside_weight) if outside_weight < 1 and out > n else None
+    weigh = OutputMetric(w, outside_weight) if weighs(out, n, outside_weight) else None
     gs = scheme.group_size
     deq = dequantize(
         codes.float() * scheme.grid.unit,
@@ -133,6 +133,12 @@ def _column_groups(
     columns = torch.arange(n, device=device)
     groups = torch.zeros_like(columns) if group_size == 0 else columns // group_size
     return groups.to(torch.int32).expand(experts, n)
+
+
+def weighs(out: int, n: int, outside_weight: float) -> bool:
+    """Whether the descent of an ``out`` x ``n`` matrix uses the output metric: a weight below 1, and more rows
+    than columns (otherwise the column space is every direction and F = I)."""
+    return outside_weight < 1 and out > n
 
 
 class OutputMetric:

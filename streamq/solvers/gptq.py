@@ -34,7 +34,7 @@ import torch
 from streamq.kernels.gptq_block import gptq_block
 from streamq.solvers import fallbacks as fb
 from streamq.solvers.cholesky import tf32_matmuls
-from streamq.solvers.code_descent import DescentRun, refine_codes
+from streamq.solvers.code_descent import DescentRun, refine_codes, weighs
 from streamq.solvers.hessian import FactorForm, FactorOptions, PreparedHessians, prepare_hessians
 from streamq.solvers.observers import fit_qparams, global_scale
 from streamq.solvers.rtn import make_result, static_qparams
@@ -98,7 +98,7 @@ def gptq_quantize(
     use_triton = _use_triton(options.backend, w3)
     experts, out, n = w3.shape
     refined = bool(cfg.code_rounds or (cfg.scale_candidates and candidates_apply(cfg)))
-    weighted = bool(cfg.code_rounds) and cfg.outside_weight < 1 and out > n
+    weighted = bool(cfg.code_rounds) and weighs(out, n, cfg.outside_weight)
     step = experts_per_chunk(out, n, _memory_budget(options, w3.device), options.factor.form, refined, weighted)
     result: QuantResult | None = None
     for lo in range(0, experts, step):
