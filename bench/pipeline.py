@@ -18,6 +18,7 @@ At 512 × 4096 tokens one activation file is 30 GB and two exist at once: give `
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -152,6 +153,7 @@ def measure(args: argparse.Namespace, model: Path, gpus: int) -> dict:
     report = json.loads((out / REPORT_NAME).read_text())
     blocks = report["blocks"]
     done = _block_done_seconds(out / EVENTS_FILENAME)
+    fisher = _fisher_seconds(out / EVENTS_FILENAME)
     for b in blocks:
         b["done_seconds"] = done.get(b["layer"])
     shutil.rmtree(out, ignore_errors=True)  # the next GPU count needs the room
@@ -163,6 +165,7 @@ def measure(args: argparse.Namespace, model: Path, gpus: int) -> dict:
         "largest_mappings_at_peak": {str(k): v for k, v in peak.top_mappings.items()},
         "memory_plan": report.get("memory_plan"),
         "blocks": blocks,
+        "fisher_seconds": fisher,
         "extrapolation": extrapolate(blocks, args.samples * args.seq_len),
     }
 
@@ -176,6 +179,24 @@ def _block_done_seconds(events: Path) -> dict[int, float]:
         if event.get("event") == "block_done":
             done[event["block"]] = event["seconds"]
     return done
+
+
+def _fisher_seconds(events: Path) -> dict[str, float]:
+    """The output Fisher pre-pass (pipeline._output_fisher) from the events: its forward and backward passes, from
+    their first stage event to the next pass's (or the first block's "load")."""
+    marks: list[tuple[str, float]] = []
+    for line in events.read_text().splitlines() if events.is_file() else []:
+        event = json.loads(line)
+        if event.get("event") == "stage":
+            stage = str(event["stage"])
+            kind = stage.rsplit(" ", 1)[-1] if stage.startswith("output Fisher") else "blocks"
+            if not marks or marks[-1][0] != kind:
+                marks.append((kind, event["time"]))
+    seconds: dict[str, float] = {}
+    for (kind, start), (_, stop) in itertools.pairwise(marks):
+        if kind != "blocks":
+            seconds[kind] = seconds.get(kind, 0.0) + stop - start
+    return seconds
 
 
 class PeakRss:
@@ -341,6 +362,9 @@ def print_table(run: dict, gpus: int, tokens: int, device: str, floor: dict[str,
         wall, done = (f"{b[k]:.1f}" if b.get(k) is not None else "-" for k in ("wall_seconds", "done_seconds"))
         total = f"{sum(secs):.1f} ({sum(floors_.values()):.1f})"
         print(f"| {b['layer']} | {b['kind']} | {cells} | {total} | {wall} | {done} | {err} | {herr} |")
+    if run.get("fisher_seconds"):
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in run["fisher_seconds"].items())
+        print(f"output Fisher pre-pass ({len(run['blocks'])} blocks): {parts}")
     x = run["extrapolation"]
     how = (
         "measured per-block times, start to done"

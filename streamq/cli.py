@@ -140,6 +140,19 @@ def run(
             help="Code descent: weight of a down projection's output errors across its column space (default 0.4)."
         ),
     ] = None,
+    fisher_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Calibration tokens for measuring the output Fisher that down projections are solved under "
+            "(default 32768; 0 = off)."
+        ),
+    ] = None,
+    fisher_weight: Annotated[
+        float | None, typer.Option(help="Weight of the Fisher in the down projections' metric, the rest I (0.5).")
+    ] = None,
+    row_chunks: Annotated[
+        int | None, typer.Option(help="Chunks of rows a down projection is solved in under the Fisher (8).")
+    ] = None,
     target: Annotated[
         str | None, typer.Option(help="float: experts match the unquantized model's output (GPTAQ); layer: GPTQ.")
     ] = None,
@@ -214,6 +227,9 @@ _RECIPE_OPTIONS = (
     "target",
     "router_weighted",
     "refine",
+    "fisher_tokens",
+    "fisher_weight",
+    "row_chunks",
 )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -125,7 +126,9 @@ def from_environment(device: str) -> tuple[Dist, str]:
         # Naming the device binds NCCL's communicator to it up front: without it every barrier warns that it
         # guesses the device, and those warnings break into the live panel.
         options = {"backend": "nccl", "device_id": torch.device(device)} if use_cuda else {"backend": "gloo"}
-        torch_dist.init_process_group(**options)
+        # An hour, not the default 10 minutes: the other ranks wait at a barrier while rank 0 measures the output
+        # Fisher before the first block (pipeline._output_fisher), minutes at DeepSeek-V3 width.
+        torch_dist.init_process_group(**options, timeout=timedelta(hours=1))
     return Dist(rank=torch_dist.get_rank(), world=torch_dist.get_world_size()), device if use_cuda else "cpu"
 
 

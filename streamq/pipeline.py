@@ -38,6 +38,7 @@ from streamq.export.checkpoint import (
     write_shard,
 )
 from streamq.finite import check_activations, check_block_weights, check_hessians, check_source_tensors
+from streamq.fisher import fisher_done, fisher_samples, load_fisher, output_fisher
 from streamq.forward import (
     BlockInputs,
     batch_samples,
@@ -48,7 +49,7 @@ from streamq.forward import (
     rank_slice,
     resolve_device,
 )
-from streamq.groups import LinearGroup, linear_groups
+from streamq.groups import LinearGroup, Role, linear_groups
 from streamq.io.activations import ActivationReader, ActivationSpec, ActivationWriter, dtype_name
 from streamq.io.safetensors_stream import CheckpointReader
 from streamq.memory import MemoryPlan, largest_block_bytes, moe_input_bytes, plan_memory, release_host_memory
@@ -70,6 +71,7 @@ from streamq.resume import OutputDir, crash_point
 from streamq.smooth import BlockAWQ, fold_sites
 from streamq.solve import Solved, Solver, share_dense_weights
 from streamq.solvers.gptq import SolveOptions
+from streamq.solvers.row_chunks import RowGains, output_metric, row_gains
 from streamq.tui import Reporter
 
 HEAD = "head"
@@ -161,6 +163,7 @@ def run(
         reporter.warning(message)
     if HEAD not in output.manifest.shards:
         _start(ctx, checked.tokens)
+    _output_fisher(ctx, checked.tokens)
     for layer in range(cfg.num_hidden_layers):
         if layer < output.manifest.next_layer:
             reporter.block_skipped(layer)
@@ -199,6 +202,49 @@ def _start(ctx: _Run, tokens: torch.Tensor | None) -> None:
         output.record_shard(HEAD, file, digest.hexdigest())
     output.start_activations(spec, per_batch)
     output.commit(dist)
+
+
+def _output_fisher(ctx: _Run, tokens: torch.Tensor | None) -> None:
+    """The output Fisher pre-pass (fisher.py), once per output and before the first block: rank 0 measures it on
+    the first calibration sequences and saves it in the work directory, which every rank then reads block by
+    block. A run killed during it measures it again."""
+    recipe, output, dist = ctx.recipe, ctx.output, ctx.dist
+    if not recipe.fisher_tokens or output.manifest.complete or fisher_done(output.work):
+        return
+    if dist.main:
+        if tokens is None:
+            tokens = load_token_batches(recipe.data, ctx.model_dir, warn=ctx.reporter.warning)
+        cfg = ctx.reader.config
+        layers = [i for i in range(cfg.num_hidden_layers) if _weighs_output(ctx, i)]
+        samples = fisher_samples(recipe.fisher_tokens, tokens.shape[1], tokens.shape[0])
+        ctx.reporter.warning(
+            f"measuring the output Fisher of {len(layers)} blocks on {samples}×{tokens.shape[1]} tokens "
+            "(a forward and a backward pass over the source model)"
+        )
+
+        def stage(layer: int, what: str) -> None:
+            ctx.reporter.stage(layer, f"output Fisher, {what}")
+
+        output_fisher(ctx.reader, tokens[:samples], layers, ctx.device, ctx.dtype, output.work, recipe.data.seed, stage)
+    dist.barrier()
+
+
+def _weighs_output(ctx: _Run, layer: int) -> bool:
+    """Whether ``layer`` has down projections to solve under the output Fisher."""
+    return ctx.recipe.fisher_tokens > 0 and any(
+        g.role is Role.DOWN for g in linear_groups(ctx.reader.config, layer, ctx.recipe)
+    )
+
+
+def _row_gains(ctx: _Run, layer: int) -> RowGains | None:
+    """This block's output metric as the row-chunked solve needs it (solvers/row_chunks.py)."""
+    if not _weighs_output(ctx, layer):
+        return None
+    fisher = load_fisher(ctx.output.work, layer)
+    if fisher is None:
+        return None
+    metric = output_metric(fisher.to(ctx.device), ctx.recipe.fisher_weight)
+    return row_gains(metric, ctx.recipe.row_chunks)
 
 
 def _quantize_block(ctx: _Run, layer: int) -> None:
@@ -296,6 +342,7 @@ def _solve_block(
         partial(ctx.reporter.fallback, layer),
         recipe.plan(ctx.reader.config.fp8_block is not None).quantized(),
         recipe.refine,
+        _row_gains(ctx, layer),
     )
     mine = [g for g in groups if g.expert is not None or dist.main]
     awq = partial(_block_awq, ctx.reader, recipe, dist, block, layer, mine)

@@ -92,6 +92,9 @@ class Plan:
         return out
 
 
+# The output Fisher pre-pass's default budget: 8 sequences of 4096 tokens (bench/RESULTS.md, "The output Fisher").
+FISHER_TOKENS = 32768
+
 # Solver fields written to the recipe only when not at these values (see Recipe.to_dict).
 _SOLVER_OPTIONAL = {"code_rounds": 0, "scale_candidates": (), "outside_weight": 1.0}
 
@@ -104,12 +107,11 @@ def default_solver() -> SolverConfig:
     (``Recipe.refine`` "down") applies to the down projections alone: they carry ~90% of an expert's output error
     on the trained fixture, and at DeepSeek-V3 width they are the cheap matrices (2048 columns against gate/up's
     7168), so the refinement costs a fraction of refining every Linear for most of its gain (bench/RESULTS.md,
-    "Refinements where the error is"). The descent weighs a down projection's output errors across its column space
-    0.4 and along it 1 (``outside_weight``): those along it cost the held-out KL ~2× more (bench/RESULTS.md, "Which
-    errors the KL feels"; lower KL at W4 and W3 on both splits, ~1 s per MoE block at V3 width). ``--outside-weight
-    1`` is the default before that; ``--observer absmax --scale-candidates none --code-rounds 0`` the default
-    before issue 13, byte for byte."""
-    return SolverConfig(observer="mse", mse_grid=100, mse_max_shrink=0.2, **DOWN_REFINED, outside_weight=0.4)
+    "Refinements where the error is"). The down projections' output errors are weighed by the model's output Fisher
+    (``Recipe.fisher_tokens``), which replaced the descent's column-space weighting (``--outside-weight 0.4
+    --fisher-tokens 0`` is the default before it); ``--observer absmax --scale-candidates none --code-rounds 0
+    --fisher-tokens 0`` the default before issue 13, byte for byte."""
+    return SolverConfig(observer="mse", mse_grid=100, mse_max_shrink=0.2, **DOWN_REFINED)
 
 
 # The refinements after the sweep that measured best on the trained fixture (bench/RESULTS.md, issue 13): REFINED
@@ -135,6 +137,11 @@ class Recipe:
     "float" the unquantized model's output (GPTAQ's asymmetric calibration, see solvers/gptaq.py).
     ``router_weighted``: a routed expert's calibration tokens weigh their router weight squared, as its error
     reaches the block's output scaled by that weight (all-token calibration's extra tokens stay unweighted).
+    ``fisher_tokens``: calibration tokens (whole sequences, from the first) of the pre-pass that measures each
+    block's output Fisher (streamq/fisher.py); the down projections are then solved ``row_chunks`` chunks of rows
+    at a time, each towards what makes up for the earlier chunks' errors under the metric ``fisher_weight`` ·
+    Fisher + (1 - ``fisher_weight``) · I (solvers/row_chunks.py). 0 turns it off; GPTQ only. Not serialised when
+    off, so recipes from before it keep their file and digest.
     """
 
     method: Method = "gptq"
@@ -148,6 +155,9 @@ class Recipe:
     target: Target = "layer"
     router_weighted: bool = False
     refine: Refine = "down"
+    fisher_tokens: int = FISHER_TOKENS
+    fisher_weight: float = 0.5
+    row_chunks: int = 8
     data: DataConfig = field(default_factory=DataConfig)
     schemes: tuple[tuple[str, str], ...] = ()
 
@@ -168,6 +178,7 @@ class Recipe:
         if not self.solver.code_rounds and self.solver.outside_weight != 1:
             # It weighs the descent's objective: without rounds it changes nothing (so, like refine, one form).
             object.__setattr__(self, "solver", dataclasses.replace(self.solver, outside_weight=1.0))
+        self._check_fisher()
         _one_of("actorder", self.solver.actorder, ("none", "weight"))
         _one_of("observer", self.solver.observer, ("minmax", "mse"))
         if self.min_tokens < 0:
@@ -227,6 +238,19 @@ class Recipe:
         if rounds and any(s.group_size for s in schemes) and self.solver.actorder != "weight":
             raise StreamqError("--scale-rounds needs scales fixed before the sweep: --act-order, or --scale-rounds 0")
 
+    def _check_fisher(self) -> None:
+        if self.fisher_tokens < 0:
+            raise StreamqError(f"--fisher-tokens must be >= 0 (0: off), not {self.fisher_tokens}")
+        if not 0 < self.fisher_weight < 1:
+            raise StreamqError(f"--fisher-weight must be in (0, 1), not {self.fisher_weight:g}")
+        if self.row_chunks < 1:
+            raise StreamqError(f"--row-chunks must be >= 1, not {self.row_chunks}")
+        if self.method != "gptq" or self.row_chunks == 1:
+            object.__setattr__(self, "fisher_tokens", 0)  # nothing would use it: one form, one digest
+        if not self.fisher_tokens:
+            object.__setattr__(self, "fisher_weight", 0.5)
+            object.__setattr__(self, "row_chunks", 8)
+
     def _check_refinements(self) -> None:
         rounds, candidates = self.solver.code_rounds, self.solver.scale_candidates
         if rounds < 0:
@@ -248,6 +272,9 @@ class Recipe:
             del d["source_experts"]
         if self.refine == "all":
             del d["refine"]
+        if not self.fisher_tokens:
+            for name in ("fisher_tokens", "fisher_weight", "row_chunks"):
+                del d[name]
         for name, off in _SOLVER_OPTIONAL.items():  # off: not serialised, so older recipes keep their digest
             if d["solver"][name] == off:
                 del d["solver"][name]
@@ -259,7 +286,7 @@ class Recipe:
         solver["scheme"] = QuantScheme(**solver["scheme"])
         solver["scale_candidates"] = tuple(solver.get("scale_candidates", ()))
         schemes = tuple(dict(d.get("schemes") or {}).items())
-        d = {"refine": "all", **d}  # written only when "down" (see the class)
+        d = {"refine": "all", "fisher_tokens": 0, **d}  # written only when "down" / when on (see the class)
         return cls(**{**d, "solver": SolverConfig(**solver), "data": DataConfig(**d["data"]), "schemes": schemes})
 
     def digest(self) -> str:
@@ -294,6 +321,8 @@ def describe(recipe: Recipe) -> str:
         parts.append(f"least-squares scales ×{solver.scale_rounds}")
     if recipe.method == "gptq":
         parts += _refinements(solver, recipe.refine)
+        if recipe.fisher_tokens:
+            parts.append("output Fisher" + _fisher_settings(recipe))
     if not recipe.schemes:
         parts.append("routed experts" if recipe.scope == "experts" else "all Linears")
         if recipe.source_experts == "keep":
@@ -327,6 +356,18 @@ def _refinements(solver: SolverConfig, refine: Refine) -> list[str]:
     if solver.scale_candidates or rounds:
         parts.append("every Linear refined" if refine == "all" else "down projections refined")
     return parts
+
+
+def _fisher_settings(recipe: Recipe) -> str:
+    """The output Fisher's settings where they are not the default's, e.g. `` (65536 tokens, 16 row chunks)``."""
+    default = Recipe()
+    parts = [
+        f"{recipe.fisher_tokens} tokens" if recipe.fisher_tokens != default.fisher_tokens else "",
+        f"weight {recipe.fisher_weight:g}" if recipe.fisher_weight != default.fisher_weight else "",
+        f"{recipe.row_chunks} row chunks" if recipe.row_chunks != default.row_chunks else "",
+    ]
+    listed = ", ".join(p for p in parts if p)
+    return f" ({listed})" if listed else ""
 
 
 def _label(scheme: GroupScheme) -> str:

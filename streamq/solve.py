@@ -21,6 +21,7 @@ from streamq.resume import crash_point
 from streamq.solvers.gptaq import asymmetric_target
 from streamq.solvers.gptq import SolveOptions, gptq_quantize
 from streamq.solvers.hessian import hessian_weighted_error
+from streamq.solvers.row_chunks import RowGains, solve_in_row_chunks
 from streamq.solvers.rtn import rtn_quantize
 from streamq.solvers.scheme import QuantResult, QuantScheme, SolverConfig
 
@@ -67,6 +68,7 @@ class Solver:
     on_fallback: OnFallback
     schemes: Mapping[Family, QuantScheme] = field(default_factory=dict)
     refine: Refine = "all"
+    metric: RowGains | None = None
 
     def config_for(self, group: LinearGroup) -> SolverConfig:
         config = self.config
@@ -108,7 +110,13 @@ class Solver:
         else:
             hs = torch.stack([hessian(g) for g in groups])
             weights = _target(weights, hs, groups, cross, config.damp)
-            result = gptq_quantize(weights, hs, config, self.options)
+            if self._weighed(groups[0], weights.shape[1], config):
+                assert self.metric is not None
+                result = solve_in_row_chunks(
+                    weights, self.metric, lambda target: gptq_quantize(target, hs, config, self.options)
+                )
+            else:
+                result = gptq_quantize(weights, hs, config, self.options)
             # A group no calibration token reached has a zero Hessian and no defined error (0 / 0): left out of
             # the sample, so that the block's mean is over groups with data (its fallback is counted apart).
             seen = (hs.diagonal(dim1=-2, dim2=-1).sum(-1) > 0).tolist()
@@ -123,6 +131,16 @@ class Solver:
                 self.on_fallback(groups[0].key if len(groups) == 1 else f"{len(groups)} experts", reason)
         for i, group in enumerate(groups):
             self.record(group, result.entry(i), solved)
+
+    def _weighed(self, group: LinearGroup, rows: int, config: SolverConfig) -> bool:
+        """Whether a stack is solved under the output metric: down projections (they write the block's output),
+        of the metric's size, on a grid without a per-matrix global scale (NVFP4's would differ between chunks)."""
+        return (
+            self.metric is not None
+            and group.role is Role.DOWN
+            and rows == self.metric.rows
+            and config.scheme.scale_code != "fp8_global"
+        )
 
     def record(self, group: LinearGroup, result: QuantResult, solved: Solved) -> None:
         """Pack each member's rows of ``result`` (one group's matrix), and put the quantized weights in."""

@@ -159,7 +159,7 @@ def test_the_recipe_file_and_digest_carry_the_schemes(tmp_path: Path) -> None:
 def test_describe_names_every_family() -> None:
     assert describe(Recipe(schemes=schemes(*BRIEF))) == (
         "GPTQ experts NVFP4, shared W8 g128 sym, dense W4 g128 sym, attention FP8 blocks, act-order, MSE scales, "
-        "down projections refined, 128×2048 tokens"
+        "down projections refined, output Fisher, 128×2048 tokens"
     )
     assert describe(Recipe(method="rtn", schemes=schemes("dense=w8a16-g0"))) == (
         "RTN experts W4 g128 sym, shared bf16, dense W8 per-channel sym, attention bf16, MSE scales, 128×2048 tokens"

@@ -102,6 +102,7 @@ def test_shards_are_hashed_as_written_not_read_back(
 # 2 dense then 2 MoE blocks; 6 samples at 2 per micro-batch make 3 micro-batches per pass.
 CRASH_POINTS = {
     "write:1": 0,  # inside the first shard (embeddings, norm, lm_head), before the activations exist
+    "fisher:1": 0,  # in the output Fisher pre-pass, after the first layer's estimate is saved
     "propagate:3": 0,  # writing the first block's output activations, between micro-batches
     "calibrate:2": 2,  # in the middle of the first MoE block's calibration pass
     "solve:2": 2,  # between two solver calls of the first MoE block
@@ -210,8 +211,9 @@ def test_a_different_recipe_is_refused(tiny_checkpoint: Path, tmp_path: Path, mo
     monkeypatch.setenv("STREAMQ_CRASH_AT", "")
     quantize(tiny_checkpoint, out, Recipe(data=DATA, method="rtn"))
     # The message names what changed (e.g. a default that moved between versions): the options that resume it.
+    gptq = Recipe(data=DATA, method="gptq", fisher_tokens=0)  # the output Fisher would be named too (GPTQ only)
     with pytest.raises(StreamqError, match=r"different recipe: method saved rtn, now gptq \(see .*streamq_recipe"):
-        quantize(tiny_checkpoint, out, Recipe(data=DATA, method="gptq"))
+        quantize(tiny_checkpoint, out, gptq)
     later = Recipe(data=DATA, method="rtn", solver=replace(Recipe().solver, code_rounds=3))
     with pytest.raises(StreamqError, match=r"different recipe: solver.code_rounds saved 2, now 3 \(see"):
         quantize(tiny_checkpoint, out, later)

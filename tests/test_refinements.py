@@ -341,17 +341,20 @@ def test_the_kernels_weighted_descent_is_the_references() -> None:
 
 
 def test_the_outside_weight_is_written_only_when_set_and_reaches_the_run(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    """At 1 (the default before it existed) no trace in the recipe file, so older recipes keep their digest; the
-    default's 0.4 is written; `streamq run --outside-weight 0.3` writes it, names it in the recipe line, and
-    finishes; 0 is refused in one line before OUT exists."""
-    plain = Recipe(solver=replace(default_solver(), outside_weight=1.0))  # the default before it existed
-    assert "outside_weight" not in plain.to_dict()["solver"] and Recipe().to_dict()["solver"]["outside_weight"] == 0.4
+    """At 1 (the default before it existed, and again since the output Fisher replaced it) no trace in the recipe
+    file, so older recipes keep their digest; 0.4 is written; `streamq run --outside-weight 0.3` writes it, names it
+    in the recipe line, and finishes; 0 is refused in one line before OUT exists."""
+    plain = Recipe(solver=replace(default_solver(), outside_weight=1.0))
+    assert plain == Recipe() and "outside_weight" not in plain.to_dict()["solver"]
+    weighed = Recipe(solver=replace(default_solver(), outside_weight=0.4))
+    assert weighed.to_dict()["solver"]["outside_weight"] == 0.4
     # Without code descent it weighs nothing: the recipe drops it (one form, one digest).
     idle = Recipe(solver=replace(default_solver(), code_rounds=0, outside_weight=0.4))
     assert idle.solver.outside_weight == 1.0 and "outside_weight" not in idle.to_dict()["solver"]
     on = Recipe(solver=replace(default_solver(), outside_weight=0.3))
     assert Recipe.from_dict(json.loads(json.dumps(on.to_dict()))) == on and on.digest() != Recipe().digest()
-    assert Recipe.from_dict(json.loads(json.dumps(plain.to_dict()))) == plain and plain.digest() != Recipe().digest()
+    assert Recipe.from_dict(json.loads(json.dumps(weighed.to_dict()))) == weighed
+    assert weighed.digest() != Recipe().digest()
     args = ["--num-samples", "4", "--seq-len", "32", "--dtype", "float32", "--device", "cpu", "--display", "plain"]
     out = tmp_path / "out"
     command = [sys.executable, "-m", "streamq", "run", str(tiny_checkpoint), str(out), *args, "--outside-weight", "0.3"]

@@ -82,6 +82,7 @@ def test_the_live_panel_follows_the_run_and_leaves_a_summary(tiny_checkpoint: Pa
     assert panel_row(last, "status") is not None and panel_row(last, "status").startswith("run ok in")
     assert "4/4" in panel_row(last, "blocks")
     assert "rel err mean" in panel_row(last, "quality")
-    assert "GPTQ W4 g128 sym, act-order, MSE scales, down projections refined, routed experts, 4×32 tokens" in last
+    recipe = "GPTQ W4 g128 sym, act-order, MSE scales, down projections refined, output Fisher, routed experts, 4×32"
+    assert recipe in last
     assert f"wrote {tmp_path / 'out'}" in last
     assert not any("display error" in s for s in screens)

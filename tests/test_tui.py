@@ -36,7 +36,9 @@ from streamq.tui import (
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
 # What the pipeline passes to run_start: the one-line description and the fields of a real Recipe.
 RECIPE = Recipe()
-RECIPE_LINE = "GPTQ W4 g128 sym, act-order, MSE scales, down projections refined, routed experts, 128×2048 tokens"
+RECIPE_LINE = (
+    "GPTQ W4 g128 sym, act-order, MSE scales, down projections refined, output Fisher, routed experts, 128×2048 tokens"
+)
 # What the pipeline passes as plan: a real memory plan, described (see memory.py).
 PLAN = plan_memory(torch.device("cpu"), 2**20, None, None, None).describe()
 
@@ -320,7 +322,7 @@ def test_other_ranks_print_nothing(tmp_path: Path) -> None:
 
 
 def test_rich_live_panel_renders_to_a_terminal_console(tmp_path: Path) -> None:
-    console = Console(file=io.StringIO(), force_terminal=True, width=110, color_system=None)
+    console = Console(file=io.StringIO(), force_terminal=True, width=120, color_system=None)
     clock = FakeClock()
     with _reporter(tmp_path / "events.jsonl", clock, console=console) as reporter:
         _run(reporter, clock)
@@ -548,6 +550,6 @@ def test_the_recipe_line_is_derived_from_the_recipe() -> None:
     solver = replace(RECIPE.solver, scheme=replace(RECIPE.scheme, bits=3, group_size=0, symmetric=False))
     solver = replace(solver, actorder="none", observer="mse")
     assert describe(Recipe(solver=solver, calibration="hybrid", min_tokens=64)) == (
-        "GPTQ W3 per-channel asym, MSE scales, down projections refined, routed experts, every token to experts "
-        "under 64 tokens, 128×2048 tokens"
+        "GPTQ W3 per-channel asym, MSE scales, down projections refined, output Fisher, routed experts, every token "
+        "to experts under 64 tokens, 128×2048 tokens"
     )
