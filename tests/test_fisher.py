@@ -49,7 +49,8 @@ def test_fisher_prepass_equals_whole_model_autograd(tiny_checkpoint: Path, tmp_p
     tokens = torch.randint(0, cfg.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
     layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
     assert not fisher_done(tmp_path)
-    output_fisher(reader, tokens, layers, torch.device("cpu"), torch.float32, tmp_path, seed=7)
+    # Two sequences per block forward, so that a batch and a remainder both occur.
+    output_fisher(reader, tokens, layers, torch.device("cpu"), torch.float32, tmp_path, seed=7, batch=2)
     want = reference_fisher(reader, tokens, seed=7)
     assert fisher_done(tmp_path)
     for layer in range(cfg.num_hidden_layers):
