@@ -43,6 +43,17 @@ except ImportError:  # pragma: no cover - triton ships with every Linux torch bu
 DEFAULT_BLOCK_R = 64
 
 
+def add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out += a @ b``, batched: how the sweeps pass a finished panel's changes to the columns after it. On the CPU
+    through a temporary: an in-place ``baddbmm_`` into a column slice of a wider tensor takes a path tens of times
+    slower there (13.5 ms against 0.3 ms for a [4, 256, 32] × [4, 32, 96] update, torch 2.13). On a GPU in place,
+    without a temporary as large as the rest of the matrix."""
+    if out.is_cuda:
+        out.baddbmm_(a, b)
+    else:
+        out += torch.bmm(a, b)
+
+
 def gptq_block_ref(
     work: torch.Tensor,
     orig: torch.Tensor,

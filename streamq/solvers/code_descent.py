@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from streamq.kernels.gptq_block import gptq_block
+from streamq.kernels.gptq_block import add_product, gptq_block
 from streamq.solvers.observers import column_params, dequantize
 from streamq.solvers.scheme import QuantScheme
 
@@ -121,7 +121,7 @@ def _sweep_panel(
             _sweep_panel(work, orig, feedback, scale, zero, gidx, codes, scheme, run, a, b, level + 1, weigh)
         if b < hi:
             changes = orig[:, :, a:b] if weigh is None else weigh(orig[:, :, a:b])
-            work[:, :, b:hi].baddbmm_(changes, feedback[:, a:b, b:hi])
+            add_product(work[:, :, b:hi], changes, feedback[:, a:b, b:hi])
 
 
 def _column_groups(

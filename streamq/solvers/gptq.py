@@ -31,7 +31,7 @@ from typing import Literal
 
 import torch
 
-from streamq.kernels.gptq_block import gptq_block
+from streamq.kernels.gptq_block import add_product, gptq_block
 from streamq.solvers import fallbacks as fb
 from streamq.solvers.cholesky import tf32_matmuls
 from streamq.solvers.code_descent import DescentRun, refine_codes, weighs
@@ -358,7 +358,7 @@ def _solve_panel(sweep: _Sweep, lo: int, hi: int, level: int) -> None:
         else:
             _solve_panel(sweep, a, b, level + 1)
         if b < hi:
-            sweep.work[:, :, b:hi].baddbmm_(sweep.orig[:, :, a:b], sweep.feedback[:, a:b, b:hi])
+            add_product(sweep.work[:, :, b:hi], sweep.orig[:, :, a:b], sweep.feedback[:, a:b, b:hi])
 
 
 def _solve_leaf(sweep: _Sweep, a: int, b: int) -> None:
