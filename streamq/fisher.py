@@ -68,14 +68,14 @@ def output_fisher(
     work: Path,
     seed: int,
     on_stage: OnStage | None = None,
-    batch: int = 1,
 ) -> list[int]:
     """F_L [hidden, hidden] (float32) for each of ``layers``, from ``tokens`` [samples, seq_len], saved in
     ``work``/fisher (``load_fisher``); returns the layers measured (all, unless NaN/Inf got in the way). Holds one
-    block, the samples' activations and their gradient in float32; blocks run ``batch`` sequences at a time (the
-    head one: its float32 logits are [seq_len, vocab])."""
+    block, the samples' activations and their gradient in float32. Blocks and head run one sequence at a time, so
+    the result does not depend on how many sequences a micro-batch holds (at DeepSeek-V3's 4096 tokens one sequence
+    is a large enough batch for a GPU)."""
     cfg = reader.config
-    first = min(layers)
+    first = min(layers, default=0)
     samples, seq_len = tokens.shape
     spec = ActivationSpec(samples, seq_len, cfg.hidden_size, dtype_name(dtype))
     cos, sin = rope_cos_sin(cfg, seq_len, device)
@@ -100,7 +100,7 @@ def output_fisher(
                 writer.write(0, hidden)
                 writer.commit()
             block = load_block(reader, layer, device, dtype)
-            hidden = torch.cat([block(hidden[s : s + batch], cos, sin) for s in range(0, samples, batch)])
+            hidden = torch.cat([block(hidden[s : s + 1], cos, sin) for s in range(samples)])
             del block
     measured: list[int] = []
     grad = _head_gradient(reader, hidden, device, dtype, seed) if nonfinite_count(hidden) == 0 else None
@@ -116,7 +116,7 @@ def output_fisher(
             crash_point("fisher")
         if layer == first:
             break
-        grad = _block_backward(reader, layer, saved(layer), spec, grad, cos, sin, device, dtype, batch)
+        grad = _block_backward(reader, layer, saved(layer), spec, grad, cos, sin, device, dtype)
     for layer in range(first + 1, blocks):
         saved(layer).unlink(missing_ok=True)
     (folder / DONE).write_text("")
@@ -152,21 +152,19 @@ def _block_backward(
     sin: torch.Tensor,
     device: torch.device,
     dtype: torch.dtype,
-    batch: int,
 ) -> torch.Tensor:
     """The gradient at block ``layer``'s input, given ``grad`` at its output: its forward recomputed from the saved
-    input, ``batch`` sequences at a time."""
+    input, one sequence at a time."""
     block = load_block(reader, layer, device, dtype)
     source = ActivationReader(path, spec, ahead=False)
     try:
         out = torch.empty_like(grad)
-        for s in range(0, spec.samples, batch):
-            stop = min(s + batch, spec.samples)
-            x = source.read(s, stop).to(device).requires_grad_(True)
+        for s in range(spec.samples):
+            x = source.read(s, s + 1).to(device).requires_grad_(True)
             with torch.enable_grad():
                 y = block(x, cos, sin)
-                (g,) = torch.autograd.grad(y, x, grad[s:stop].to(y.dtype))
-            out[s:stop] = g.float()
+                (g,) = torch.autograd.grad(y, x, grad[s : s + 1].to(y.dtype))
+            out[s : s + 1] = g.float()
     finally:
         source.close()
     return out

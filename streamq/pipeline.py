@@ -217,15 +217,17 @@ def _output_fisher(ctx: _Run, tokens: torch.Tensor | None) -> None:
         cfg = ctx.reader.config
         layers = [i for i in range(cfg.num_hidden_layers) if _weighs_output(ctx, i)]
         samples = fisher_samples(recipe.fisher_tokens, tokens.shape[1], tokens.shape[0])
-        ctx.reporter.warning(
-            f"measuring the output Fisher of {len(layers)} blocks on {samples}×{tokens.shape[1]} tokens "
-            "(a forward and a backward pass over the source model)"
-        )
 
         def stage(layer: int, what: str) -> None:
             ctx.reporter.stage(layer, f"output Fisher, {what}")
 
-        output_fisher(ctx.reader, tokens[:samples], layers, ctx.device, ctx.dtype, output.work, recipe.data.seed, stage)
+        measured = output_fisher(
+            ctx.reader, tokens[:samples], layers, ctx.device, ctx.dtype, output.work, recipe.data.seed, stage
+        )
+        if missed := [i for i in layers if i not in measured]:
+            ctx.reporter.warning(
+                f"the output Fisher met NaN/Inf and stopped: blocks {', '.join(map(str, missed))} are solved without it"
+            )
     dist.barrier()
 
 

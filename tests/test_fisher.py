@@ -49,8 +49,7 @@ def test_fisher_prepass_equals_whole_model_autograd(tiny_checkpoint: Path, tmp_p
     tokens = torch.randint(0, cfg.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
     layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
     assert not fisher_done(tmp_path)
-    # Two sequences per block forward, so that a batch and a remainder both occur.
-    output_fisher(reader, tokens, layers, torch.device("cpu"), torch.float32, tmp_path, seed=7, batch=2)
+    output_fisher(reader, tokens, layers, torch.device("cpu"), torch.float32, tmp_path, seed=7)
     want = reference_fisher(reader, tokens, seed=7)
     assert fisher_done(tmp_path)
     for layer in range(cfg.num_hidden_layers):
@@ -77,6 +76,13 @@ def test_fisher_depends_on_its_labels_seed(tiny_checkpoint: Path, tmp_path: Path
     assert a is not None and b is not None and c is not None
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+def test_no_layer_to_weigh_writes_the_marker_only(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    reader = CheckpointReader(tiny_checkpoint)
+    tokens = torch.zeros(1, 4, dtype=torch.long)
+    assert output_fisher(reader, tokens, [], torch.device("cpu"), torch.float32, tmp_path, seed=0) == []
+    assert fisher_done(tmp_path) and load_fisher(tmp_path, 0) is None
 
 
 def test_fisher_samples_budget() -> None:
