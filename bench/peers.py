@@ -1,7 +1,7 @@
 """streamq against llm-compressor's GPTQ on the trained fixture, same tokens in, same scorer out, several seeds.
 
-    python3 bench/peers.py --setup-venv /tmp/peers-venv      # once: llm-compressor's own virtualenv (network)
     PYTHONPATH=$PWD python3 bench/peers.py --work /tmp/peers       # the table in bench/RESULTS.md (~1 h on 2 cores)
+    python3 bench/peers.py --setup-venv /tmp/peers-venv      # only llm-compressor's virtualenv (the run makes it too)
     PYTHONPATH=$PWD python3 bench/peers.py --work /tmp/peers --streamq-variants default legacy gptaq --llmc-dtypes
 
 ``--streamq-variants`` runs streamq recipes other than its default (``VARIANTS``: the earlier defaults, the scale
@@ -9,7 +9,8 @@ searches, least-squares scales, a float target, router weighting, damping, code 
 ``--llmc-dtypes`` with no value skips llm-compressor. ``--eval-offset 128`` scores the next 128 held-out windows
 instead of the reported ones: the split hyper-parameters are chosen on (bench/RESULTS.md, issue 13).
 
-llm-compressor is never installed next to streamq: ``--setup-venv`` creates a virtualenv with the CPU build of
+llm-compressor is never installed next to streamq: the first run that needs it (or ``--setup-venv``) creates
+``--venv`` (network for pip only), a virtualenv with the CPU build of
 torch 2.13.0 (installed first, so llm-compressor does not pull a CUDA build) and ``llmcompressor==0.14.0.1``, and
 ``bench/peers_llmcompressor.py`` runs inside it as a subprocess. What each tool is given:
 
@@ -434,8 +435,9 @@ def main() -> None:
     write_source_copy(args.model, args.work / "source-hf")
     tools = [Tool("streamq", d, v) for d in args.streamq_dtypes for v in args.streamq_variants]
     tools += [Tool("llm-compressor", d) for d in args.llmc_dtypes]
-    if any(t.name == "llm-compressor" for t in tools):
-        venv_python(args.venv)
+    if any(t.name == "llm-compressor" for t in tools) and not (args.venv / "bin" / "python").is_file():
+        print(f"creating llm-compressor {LLMC_VERSION}'s virtualenv in {args.venv} (pip, network)", flush=True)
+        setup_venv(args.venv)
     check_calibration_ids(args)
 
     scorer = Scorer(args.work / "source-hf", eval_windows(args), batch=16)
