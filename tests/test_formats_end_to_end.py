@@ -14,7 +14,9 @@ from conftest import streamq_env
 
 from streamq.io.safetensors_stream import CheckpointReader
 
+# The default recipe, its output Fisher in 2 row chunks instead of 8: the same path, less CPU time.
 RUN = ["--num-samples", "4", "--seq-len", "32", "--device", "cpu", "--dtype", "float32", "--display", "none"]
+RUN += ["--row-chunks", "2"]
 
 
 def streamq_run(model: Path, out: Path, *options: str) -> subprocess.CompletedProcess[str]:

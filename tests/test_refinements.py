@@ -230,6 +230,7 @@ def test_the_default_refines_the_down_projections_alone(tiny_checkpoint: Path, t
     expert's down is fitted on its unquantized gate/up output), so the default's gate/up are the unrefined run's,
     byte for byte, and its down projections are the all-refined run's; the refinements change both somewhere."""
     base = ["--num-samples", "4", "--seq-len", "32", "--dtype", "float32", "--device", "cpu", "--bits", "3"]
+    base += ["--row-chunks", "2"]  # the output Fisher on, in 2 row chunks instead of 8 (CPU time)
     runs = {"down": [], "all": ["--refine", "all"], "none": ["--scale-candidates", "none", "--code-rounds", "0"]}
     packed = {}
     for name, extra in runs.items():
@@ -356,6 +357,7 @@ def test_the_outside_weight_is_written_only_when_set_and_reaches_the_run(tiny_ch
     assert Recipe.from_dict(json.loads(json.dumps(weighed.to_dict()))) == weighed
     assert weighed.digest() != Recipe().digest()
     args = ["--num-samples", "4", "--seq-len", "32", "--dtype", "float32", "--device", "cpu", "--display", "plain"]
+    args += ["--fisher-tokens", "0"]  # the weight applies without the output Fisher (whose row chunks are too short)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "streamq", "run", str(tiny_checkpoint), str(out), *args, "--outside-weight", "0.3"]
     done = subprocess.run(command, env=ENV, capture_output=True, text=True)
