@@ -137,7 +137,8 @@ def run(
     outside_weight: Annotated[
         float | None,
         typer.Option(
-            help="Code descent: weight of a down projection's output errors across its column space (default 0.4)."
+            help="Code descent without the output Fisher: weight of a down projection's errors across its column "
+            "space (default 1)."
         ),
     ] = None,
     fisher_tokens: Annotated[
